@@ -1,0 +1,5 @@
+"""`python -m hxb` runs the CLI."""
+
+from hxb.cli.main import main
+
+main()

@@ -1,0 +1,376 @@
+"""The hxb Python runtime: runs inside an instance, imports the handler once, then serves
+invocations one at a time over the platform's private channel.
+
+This file runs on every CPython the host offers (3.7 and later): keep to 3.7 syntax and the
+standard library. Its wire format is mirrored by `hxb.pool.wire`; tests check the two agree.
+
+Frames, both ways: a 9-byte header `<BII` (type, meta length, body length), then meta, then
+body. Platform -> runtime: INVOKE (meta = JSON, body = the event bytes). Runtime -> platform:
+READY, INIT_ERROR (body = error document), RESULT (meta = request id, body = JSON result),
+ERROR (meta = request id, body = error document).
+"""
+
+import contextlib
+import json
+import os
+import struct
+import sys
+import time
+
+HEADER = struct.Struct("<BII")
+T_INVOKE = 1
+T_READY = 10
+T_INIT_ERROR = 11
+T_RESULT = 12
+T_ERROR = 13
+
+# Lambda's limit for a synchronous response; the platform enforces it too (the guest is not trusted).
+MAX_RESPONSE_BYTES = 6 * 1024 * 1024
+_CO_COROUTINE = 0x0080
+_LEVELS = {"DEBUG": 10, "INFO": 20, "WARN": 30, "WARNING": 30, "ERROR": 40}
+
+
+class InitFailure(Exception):
+    def __init__(self, error_type, message, stack=None):
+        Exception.__init__(self, message)
+        self.error_type = error_type
+        self.message = message
+        self.stack = stack or []
+
+
+class CognitoIdentity(object):
+    __slots__ = ("cognito_identity_id", "cognito_identity_pool_id")
+
+    def __init__(self, data):
+        data = data or {}
+        self.cognito_identity_id = data.get("cognitoIdentityId")
+        self.cognito_identity_pool_id = data.get("cognitoIdentityPoolId")
+
+
+class Client(object):
+    __slots__ = ("installation_id", "app_title", "app_version_name", "app_version_code", "app_package_name")
+
+    def __init__(self, data):
+        self.installation_id = data.get("installation_id")
+        self.app_title = data.get("app_title")
+        self.app_version_name = data.get("app_version_name")
+        self.app_version_code = data.get("app_version_code")
+        self.app_package_name = data.get("app_package_name")
+
+
+class ClientContext(object):
+    __slots__ = ("client", "custom", "env")
+
+    def __init__(self, data):
+        client = data.get("client")
+        self.client = Client(client) if isinstance(client, dict) else None
+        self.custom = data.get("custom")
+        self.env = data.get("env")
+
+
+class LambdaContext(object):
+    """What the handler receives as `context`: Lambda's Python names, plus the seed's
+    camelCase names as aliases (`requestId`, `getRemainingTimeInMillis`, ...)."""
+
+    def __init__(self, request_id, deadline_ms, invoked_function_arn, client_context, identity):
+        env = os.environ
+        self.aws_request_id = request_id
+        self.function_name = env.get("AWS_LAMBDA_FUNCTION_NAME")
+        self.function_version = env.get("AWS_LAMBDA_FUNCTION_VERSION")
+        self.memory_limit_in_mb = env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
+        self.log_group_name = env.get("AWS_LAMBDA_LOG_GROUP_NAME")
+        self.log_stream_name = env.get("AWS_LAMBDA_LOG_STREAM_NAME")
+        self.invoked_function_arn = invoked_function_arn
+        self.client_context = ClientContext(client_context) if isinstance(client_context, dict) else None
+        self.identity = CognitoIdentity(identity)
+        self._deadline_ms = deadline_ms
+
+    def get_remaining_time_in_millis(self):
+        return max(int(self._deadline_ms - time.time() * 1000), 0)
+
+    @property
+    def request_id(self):
+        return self.aws_request_id
+
+    # The seed documents these camelCase names; they alias the Python ones.
+    requestId = request_id
+
+    @property
+    def functionName(self):
+        return self.function_name
+
+    @property
+    def functionVersion(self):
+        return self.function_version
+
+    @property
+    def invokedFunctionArn(self):
+        return self.invoked_function_arn
+
+    @property
+    def memoryLimitInMB(self):
+        return self.memory_limit_in_mb
+
+    @property
+    def logGroupName(self):
+        return self.log_group_name
+
+    @property
+    def logStreamName(self):
+        return self.log_stream_name
+
+    @property
+    def clientContext(self):
+        return self.client_context
+
+    def getRemainingTimeInMillis(self):
+        return self.get_remaining_time_in_millis()
+
+    def __repr__(self):
+        return "<LambdaContext request_id={} function={} version={}>".format(
+            self.aws_request_id, self.function_name, self.function_version
+        )
+
+
+# --- logging ------------------------------------------------------------------------------------
+
+_current_request_id = [""]
+
+
+def _install_logging(level_name):
+    import logging
+
+    class _RequestIdFilter(logging.Filter):
+        def filter(self, record):
+            record.aws_request_id = _current_request_id[0]
+            return True
+
+    class _Formatter(logging.Formatter):
+        def formatTime(self, record, datefmt=None):
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            return "{}.{:03d}Z".format(stamp, int(record.msecs))
+
+        def format(self, record):
+            # One record per line on the log pipe: embedded newlines travel as CR and the
+            # platform turns them back, so a traceback stays one log event (as in Lambda).
+            return logging.Formatter.format(self, record).replace("\n", "\r")
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter("[%(levelname)s]\t%(asctime)s\t%(aws_request_id)s\t%(message)s"))
+    handler.addFilter(_RequestIdFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(_LEVELS.get(level_name.upper(), 20))
+
+
+def _log_error_record(error_type, message, stack):
+    text = "[ERROR] {}: {}".format(error_type, message)
+    if stack:
+        text += "\nTraceback (most recent call last):\n" + "".join(stack)
+    sys.stderr.write(text.rstrip("\n").replace("\n", "\r") + "\n")
+
+
+# --- handler loading ----------------------------------------------------------------------------
+
+
+def _frames(tb):
+    """The user's part of a traceback: our own frames and the event loop's are left out."""
+    import traceback
+
+    ours = os.path.abspath(__file__)
+    kept = [
+        f
+        for f in traceback.extract_tb(tb)
+        if os.path.abspath(f.filename) != ours
+        and os.sep + "asyncio" + os.sep not in f.filename
+        and not f.filename.startswith("<frozen importlib")
+    ]
+    return traceback.format_list(kept)
+
+
+def load_handler(spec):
+    """Imports the handler named by `module.function` (module may use `/` or `.`)."""
+    import importlib
+
+    try:
+        module_path, func_name = spec.rsplit(".", 1)
+    except ValueError as exc:
+        raise InitFailure("Runtime.MalformedHandlerName", "Bad handler '{}': {}".format(spec, exc)) from None
+    if not module_path or not func_name:
+        raise InitFailure("Runtime.MalformedHandlerName", "Bad handler '{}': empty module or function".format(spec))
+    module_name = module_path.replace("/", ".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        message = "Unable to import module '{}': {}".format(module_name, exc)
+        raise InitFailure("Runtime.ImportModuleError", message) from None
+    except SyntaxError as exc:
+        message = "Syntax error in module '{}': {}".format(module_name, exc)
+        raise InitFailure("Runtime.UserCodeSyntaxError", message) from None
+    except Exception as exc:
+        raise InitFailure(type(exc).__name__, str(exc), _frames(sys.exc_info()[2])) from None
+    handler = getattr(module, func_name, None)
+    if handler is None:
+        raise InitFailure(
+            "Runtime.HandlerNotFound", "Handler '{}' missing on module '{}'".format(func_name, module_name)
+        )
+    if not callable(handler):
+        raise InitFailure(
+            "Runtime.HandlerNotFound", "Handler '{}' on module '{}' is not callable".format(func_name, module_name)
+        )
+    return handler
+
+
+# --- serving ------------------------------------------------------------------------------------
+
+
+def _json_default(value):
+    kind = type(value).__name__
+    if kind == "Decimal":
+        return int(value) if value == value.to_integral_value() else float(value)
+    raise TypeError("Object of type {} is not JSON serializable".format(kind))
+
+
+class _AsyncRunner(object):
+    """One event loop per instance, kept across invocations, so that clients created at
+    module level (bound to a loop) keep working on warm invocations."""
+
+    def __init__(self):
+        import asyncio
+
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+
+    def run(self, awaitable):
+        return self.loop.run_until_complete(awaitable)
+
+
+class Runtime(object):
+    def __init__(self, channel, handler):
+        self.sock = channel
+        self.rfile = channel.makefile("rb", buffering=65536)
+        self.handler = handler
+        code = getattr(handler, "__code__", None)
+        self.is_async = bool(code is not None and code.co_flags & _CO_COROUTINE)
+        self.async_runner = None
+
+    def send(self, frame_type, meta, body):
+        self.sock.sendall(HEADER.pack(frame_type, len(meta), len(body)) + meta + body)
+
+    def read_frame(self):
+        header = self.rfile.read(HEADER.size)
+        if len(header) < HEADER.size:
+            return None
+        frame_type, meta_len, body_len = HEADER.unpack(header)
+        meta = self.rfile.read(meta_len)
+        body = self.rfile.read(body_len)
+        if len(meta) < meta_len or len(body) < body_len:
+            return None
+        return frame_type, meta, body
+
+    def call(self, event, context):
+        if self.is_async:
+            if self.async_runner is None:
+                self.async_runner = _AsyncRunner()
+            return self.async_runner.run(self.handler(event, context))
+        result = self.handler(event, context)
+        if hasattr(result, "__await__") and type(result).__name__ == "coroutine":
+            if self.async_runner is None:
+                self.async_runner = _AsyncRunner()
+            result = self.async_runner.run(result)
+        return result
+
+    def invoke(self, meta, body):
+        request_id = meta["id"]
+        rid = request_id.encode("ascii")
+        _current_request_id[0] = request_id
+        try:
+            event = json.loads(body) if body else None
+            context = LambdaContext(request_id, meta["deadline_ms"], meta["arn"], meta.get("cc"), meta.get("identity"))
+            result = self.call(event, context)
+        except Exception as exc:
+            stack = _frames(sys.exc_info()[2])
+            _log_error_record(type(exc).__name__, str(exc), stack)
+            self.send_error(rid, type(exc).__name__, str(exc), request_id, stack)
+            return
+        try:
+            payload = json.dumps(result, default=_json_default, separators=(",", ":")).encode("utf-8")
+        except Exception as exc:
+            message = "Unable to marshal response: {}".format(exc)
+            _log_error_record("Runtime.MarshalError", message, [])
+            self.send_error(rid, "Runtime.MarshalError", message, request_id, [])
+            return
+        if len(payload) > MAX_RESPONSE_BYTES:
+            message = "Response payload size ({} bytes) exceeded maximum allowed payload size ({} bytes).".format(
+                len(payload), MAX_RESPONSE_BYTES
+            )
+            self.send_error(rid, "Function.ResponseSizeTooLarge", message, request_id, [])
+            return
+        self.send(T_RESULT, rid, payload)
+
+    def send_error(self, rid, error_type, message, request_id, stack):
+        doc = {"errorMessage": message, "errorType": error_type, "requestId": request_id, "stackTrace": stack}
+        self.send(T_ERROR, rid, json.dumps(doc, default=str).encode("utf-8"))
+
+    def serve_forever(self):
+        while True:
+            frame = self.read_frame()
+            if frame is None:
+                return  # the platform closed the channel: nothing more will come
+            frame_type, meta, body = frame
+            if frame_type != T_INVOKE:
+                raise SystemExit("hxb runtime: unexpected frame type {}".format(frame_type))
+            self.invoke(json.loads(meta), body)
+            _current_request_id[0] = ""
+
+
+def _send_init_error(channel, failure):
+    doc = {
+        "errorMessage": failure.message,
+        "errorType": failure.error_type,
+        "requestId": "",
+        "stackTrace": failure.stack,
+    }
+    body = json.dumps(doc, default=str).encode("utf-8")
+    channel.sendall(HEADER.pack(T_INIT_ERROR, 0, len(body)) + body)
+    _log_error_record(failure.error_type, failure.message, failure.stack)
+
+
+def _python_paths(task_root, opt_root):
+    version = "python{}.{}".format(sys.version_info[0], sys.version_info[1])
+    return [
+        task_root,
+        os.path.join(opt_root, "python", "lib", version, "site-packages"),
+        os.path.join(opt_root, "python"),
+    ]
+
+
+def run_instance(channel):
+    """Everything after the interpreter exists: set up paths and logging, import the
+    handler, report READY (or INIT_ERROR), serve. A zygote calls this in each forked child."""
+    env = os.environ
+    task_root = env.get("LAMBDA_TASK_ROOT", "/var/task")
+    opt_root = env.pop("_HXB_OPT_ROOT", "/opt")
+    sys.path[:0] = _python_paths(task_root, opt_root)
+    with contextlib.suppress(OSError):
+        os.chdir(task_root)
+    _install_logging(env.get("HXB_LOG_LEVEL", "INFO"))
+    try:
+        handler = load_handler(env.get("_HANDLER", "index.handler"))
+    except InitFailure as failure:
+        _send_init_error(channel, failure)
+        return 1
+    runtime = Runtime(channel, handler)
+    runtime.send(T_READY, b"", b"")
+    runtime.serve_forever()
+    return 0
+
+
+def main():
+    import socket
+
+    fd = int(os.environ.pop("_HXB_CONTROL_FD"))
+    channel = socket.socket(fileno=fd)
+    sys.exit(run_instance(channel))

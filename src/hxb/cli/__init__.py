@@ -1,0 +1,1 @@
+"""The `hxb` command line."""

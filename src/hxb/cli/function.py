@@ -1,0 +1,258 @@
+"""`hxb function ...`: deploy, invoke, list, get, delete and read the logs of functions."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from hxb.cli.client import DEFAULT_ENDPOINT, ApiClient, CliError
+from hxb.errors import PackageError, SpecError
+from hxb.packaging import pack_directory
+from hxb.spec import load_function_file
+
+app = typer.Typer(help="Deploy, invoke and inspect functions.", no_args_is_help=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+EndpointOption = Annotated[
+    str, typer.Option("--endpoint", envvar="HXB_ENDPOINT", help="URL of the hxb server.", show_default=True)
+]
+_UPLOAD_CHUNK = 256 * 1024
+_LOG_POLL_S = 0.5
+
+
+def _config_path(directory: Path) -> Path:
+    for name in ("hexabase.yaml", "hexabase.yml"):
+        if (directory / name).is_file():
+            return directory / name
+    raise CliError(f"{directory}: no hexabase.yaml here (create one with at least `function:` and `name:`)")
+
+
+@app.command()
+def deploy(
+    directory: Annotated[Path, typer.Argument(help="The function's directory (with hexabase.yaml).")] = Path("."),
+    endpoint: EndpointOption = DEFAULT_ENDPOINT,
+) -> None:
+    """Zip DIRECTORY (honouring .hxbignore) and deploy it. Returns once the function can be invoked."""
+    if not directory.is_dir():
+        raise CliError(f"{directory}: not a directory")
+    try:
+        config = load_function_file(_config_path(directory))
+    except SpecError as exc:
+        raise CliError(str(exc)) from None
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="hxb-deploy-") as tmp:
+        zip_path = Path(tmp) / f"{config.name}.zip"
+        with _progress() as progress:
+            task = progress.add_task("packing", total=None)
+
+            def packed(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            try:
+                result = pack_directory(directory, zip_path, progress=packed)
+            except PackageError as exc:
+                raise CliError(str(exc)) from None
+            upload = progress.add_task("uploading", total=result.zipped_bytes)
+            with ApiClient(endpoint, timeout_s=600.0) as client:
+                response = client.request(
+                    "PUT",
+                    f"/v1/functions/{config.name}",
+                    content=_chunks(zip_path, lambda n: progress.advance(upload, n)),
+                    headers={"content-type": "application/zip", "content-length": str(result.zipped_bytes)},
+                )
+    view = response.json()
+    verb = "Created" if response.status_code == 201 else "Updated"
+    elapsed = time.perf_counter() - started
+    err.print(
+        f"{verb} [bold]{view['name']}[/] ({view['version']}, {view['runtime']}, {view['memory']} MB, "
+        f"{result.file_count} files, {result.zipped_bytes / 1024:.1f} KiB) in {elapsed:.1f}s"
+    )
+    out.print(f"  hxb function invoke {view['name']} --payload '{{}}'", highlight=False)
+    out.print(f"  curl {endpoint.rstrip('/')}/fn/{view['name']}", highlight=False)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description:>10}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+
+
+def _chunks(path: Path, advance: Any) -> Iterator[bytes]:
+    with path.open("rb") as fh:
+        while chunk := fh.read(_UPLOAD_CHUNK):
+            advance(len(chunk))
+            yield chunk
+
+
+def _read_payload(payload: str | None) -> bytes:
+    if payload is None:
+        return b"{}"
+    if payload == "-":
+        data = sys.stdin.buffer.read()
+    elif payload.startswith("@"):
+        path = Path(payload[1:])
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CliError(f"--payload {payload}: cannot read {path} ({exc.strerror})") from None
+    else:
+        data = payload.encode()
+    try:
+        json.loads(data or b"{}")
+    except ValueError as exc:
+        raise CliError(f"--payload is not valid JSON: {exc}") from None
+    return data
+
+
+@app.command()
+def invoke(
+    name: Annotated[str, typer.Argument(help="Function name.")],
+    payload: Annotated[
+        str | None, typer.Option("--payload", "-p", help="Event: JSON text, @FILE, or - for stdin.")
+    ] = None,
+    log: Annotated[bool, typer.Option("--log", help="Print the invocation's log (last 4 KB) to stderr.")] = False,
+    qualifier: Annotated[str | None, typer.Option("--qualifier", help="Version or alias.")] = None,
+    endpoint: EndpointOption = DEFAULT_ENDPOINT,
+) -> None:
+    """Invoke NAME synchronously and print its result. Exits 1 if the function fails."""
+    body = _read_payload(payload)
+    headers = {"content-type": "application/json", "x-amz-invocation-type": "RequestResponse"}
+    if log:
+        headers["x-amz-log-type"] = "Tail"
+    params = {"Qualifier": qualifier} if qualifier else None
+    with ApiClient(endpoint, timeout_s=None) as client:
+        response = client.request(
+            "POST",
+            f"/2015-03-31/functions/{urllib.parse.quote(name, safe='')}/invocations",
+            content=body,
+            headers=headers,
+            params=params,
+        )
+    if log and "x-amz-log-result" in response.headers:
+        tail = base64.b64decode(response.headers["x-amz-log-result"]).decode("utf-8", errors="replace")
+        err.print(tail.rstrip("\n"), markup=False, highlight=False)
+    sys.stdout.write(response.text + ("\n" if not response.text.endswith("\n") else ""))
+    sys.stdout.flush()
+    if "x-amz-function-error" in response.headers:
+        try:
+            doc = response.json()
+            reason = f"{doc.get('errorType', 'Error')}: {doc.get('errorMessage', '')}"
+        except (ValueError, AttributeError):
+            reason = "the function failed"
+        raise CliError(f"function {name!r} failed: {reason}")
+
+
+@app.command("list")
+def list_functions(endpoint: EndpointOption = DEFAULT_ENDPOINT) -> None:
+    """List the deployed functions."""
+    with ApiClient(endpoint) as client:
+        functions = client.request("GET", "/v1/functions").json()["functions"]
+    if not functions:
+        err.print("no functions yet: deploy one with `hxb function deploy DIR`")
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "RUNTIME", "MEMORY", "TIMEOUT", "INSTANCES", "LAST MODIFIED"):
+        table.add_column(column)
+    for fn in functions:
+        inst = fn["instances"]
+        table.add_row(
+            fn["name"],
+            fn["runtime"],
+            f"{fn['memory']} MB",
+            f"{fn['timeout']} s",
+            f"{inst['idle']} idle, {inst['busy']} busy",
+            fn["last_modified"],
+        )
+    out.print(table)
+
+
+@app.command()
+def get(name: Annotated[str, typer.Argument()], endpoint: EndpointOption = DEFAULT_ENDPOINT) -> None:
+    """Show NAME's configuration and state as JSON."""
+    with ApiClient(endpoint) as client:
+        view = client.request("GET", f"/v1/functions/{name}").json()
+    out.print_json(data=view)
+
+
+@app.command()
+def delete(name: Annotated[str, typer.Argument()], endpoint: EndpointOption = DEFAULT_ENDPOINT) -> None:
+    """Delete NAME, stop its instances and drop its logs."""
+    with ApiClient(endpoint) as client:
+        client.request("DELETE", f"/v1/functions/{name}")
+    err.print(f"Deleted {name}")
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)$")
+
+
+def parse_since(value: str, now_s: float) -> int:
+    """`30s`, `10m`, `2h`, `1d` ago, or an ISO 8601 time -> epoch milliseconds."""
+    match = _DURATION.match(value.strip())
+    if match:
+        scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return int((now_s - float(match.group(1)) * scale) * 1000)
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(f"--since {value!r}: expected a duration (30s, 10m, 2h, 1d) or an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def _format_event(event: dict[str, Any]) -> str:
+    stamp = datetime.fromtimestamp(event["timestamp_ms"] / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return f"{stamp} {event['message']}"
+
+
+@app.command()
+def logs(
+    name: Annotated[str, typer.Argument()],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
+    since: Annotated[str | None, typer.Option("--since", help="Only events newer than 10m, 2h, ... or a time.")] = None,
+    invocation: Annotated[str | None, typer.Option("--invocation", help="Only this invocation's events.")] = None,
+    endpoint: EndpointOption = DEFAULT_ENDPOINT,
+) -> None:
+    """Print NAME's log events, oldest first."""
+    params: dict[str, Any] = {"limit": 1000}
+    if since:
+        params["since_ms"] = parse_since(since, time.time())
+    if invocation:
+        params["invocation_id"] = invocation
+    with ApiClient(endpoint) as client:
+        try:
+            while True:
+                page = client.request("GET", f"/v1/functions/{name}/logs", params=params).json()
+                for event in page["events"]:
+                    sys.stdout.write(_format_event(event) + "\n")
+                sys.stdout.flush()
+                if page["next_after_id"] is not None:
+                    params["after_id"] = page["next_after_id"]
+                if len(page["events"]) >= params["limit"]:
+                    continue
+                if not follow:
+                    return
+                time.sleep(_LOG_POLL_S)
+        except KeyboardInterrupt:
+            return

@@ -1,0 +1,96 @@
+"""`hxb`: the command line. Parses, dispatches, and turns every error into one line on stderr
+and an exit code (the only place that exits)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hxb import __version__
+from hxb.cli import function as function_cli
+from hxb.cli.client import DEFAULT_ENDPOINT, ApiClient, CliError
+from hxb.cli.serve import serve
+from hxb.errors import PlatformError
+from hxb.spec import function_file_json_schema
+
+app = typer.Typer(
+    name="hxb",
+    help="hxb: a self-hosted serverless function platform.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="The hexabase.yaml format.", no_args_is_help=True)
+app.add_typer(function_cli.app, name="function")
+app.add_typer(config_app, name="config")
+app.command()(serve)
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"hxb {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """hxb: deploy handler(event, context) functions and run them in isolated, reusable instances."""
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the JSON Schema of hexabase.yaml (for editors and CI validation)."""
+    print(json.dumps(function_file_json_schema(), indent=2))
+
+
+@app.command()
+def runtimes(
+    endpoint: Annotated[str, typer.Option("--endpoint", envvar="HXB_ENDPOINT")] = DEFAULT_ENDPOINT,
+    local: Annotated[bool, typer.Option("--local", help="Look on this machine instead of asking the server.")] = False,
+) -> None:
+    """List the runtimes the server offers (python3.X for every CPython it found)."""
+    if local:
+        rows = _local_runtimes()
+    else:
+        with ApiClient(endpoint) as client:
+            rows = client.request("GET", "/v1/runtimes").json()["runtimes"]
+    table = Table(box=None, header_style="bold")
+    for column in ("RUNTIME", "VERSION", "EXECUTABLE"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["version"], row["executable"])
+    out.print(table)
+
+
+def _local_runtimes() -> list[dict[str, str]]:
+    from hxb.runtimes import RuntimeCatalog
+
+    with tempfile.TemporaryDirectory() as tmp:
+        catalog = asyncio.run(RuntimeCatalog.discover(Path(tmp)))
+    return [{"name": r.name, "version": r.version, "executable": str(r.executable)} for r in catalog.list()]
+
+
+def main() -> None:
+    try:
+        app()
+    except CliError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        sys.exit(exc.exit_code)
+    except PlatformError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        sys.exit(1)

@@ -1,0 +1,247 @@
+"""Platform settings: frozen dataclasses, one per component, and `load_settings`, the only
+reader of the environment.
+
+Every field `<section>.<key>` is set by the env var `HXB_<SECTION>_<KEY>` (top-level fields by
+`HXB_<KEY>`) and by the matching `hxb serve` flag. Precedence: CLI > env > TOML file
+(`HXB_CONFIG_FILE`) > defaults. Invalid values are errors that name the key, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hxb.errors import ConfigError
+
+T = TypeVar("T")
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewaySettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Lambda's limits: 6 MB for a synchronous request or response, 50 MB for a zipped package.
+    max_invoke_payload_bytes: int = 6 * MIB
+    max_package_bytes: int = 50 * MIB
+    graceful_shutdown_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolSettings:
+    idle_timeout_s: float = 300.0
+    shutdown_grace_s: float = 2.0
+    init_timeout_s: float = 10.0
+    max_instances: int = 256
+    reap_interval_s: float = 1.0
+    max_response_bytes: int = 6 * MIB
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreSettings:
+    # Empty means the embedded default: SQLite in the data directory.
+    url: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogSettings:
+    flush_interval_s: float = 0.2
+    # Beyond this many bytes waiting for the store, new log lines are dropped (and counted).
+    max_pending_bytes: int = 64 * MIB
+    max_line_bytes: int = 256 * 1024
+    retention_s: float = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SandboxSettings:
+    # "local": a plain process per instance, no isolation.
+    mode: str = "local"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuntimeSettings:
+    # Extra directories searched for python3.X interpreters, colon-separated in the env var.
+    python_search_paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    data_dir: Path = Path(".hxb")
+    region: str = "local"
+    workspace: str = "default"
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    logs: LogSettings = field(default_factory=LogSettings)
+    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+    runtimes: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url or f"sqlite:///{(self.data_dir / 'hxb.db').resolve()}"
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "gateway": GatewaySettings,
+    "pool": PoolSettings,
+    "store": StoreSettings,
+    "logs": LogSettings,
+    "sandbox": SandboxSettings,
+    "runtimes": RuntimeSettings,
+}
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(raw)
+
+
+def _caster(annotation: Any) -> Callable[[Any], Any]:
+    if annotation is bool:
+        return lambda v: v if isinstance(v, bool) else _parse_bool(str(v))
+    if annotation is int:
+        return lambda v: v if isinstance(v, int) and not isinstance(v, bool) else int(str(v))
+    if annotation is float:
+        return lambda v: float(v) if isinstance(v, int | float) and not isinstance(v, bool) else float(str(v))
+    if annotation is Path:
+        return lambda v: Path(str(v))
+    if annotation is str:
+        return str
+    if typing.get_origin(annotation) is tuple:
+        return lambda v: tuple(v) if isinstance(v, list | tuple) else tuple(p for p in str(v).split(":") if p)
+    raise TypeError(f"no caster for {annotation!r}")
+
+
+def _build(cls: type[T], prefix: str, layers: list[Mapping[str, Any]]) -> T:
+    """Builds dataclass `cls`, taking each field from the first layer that has it."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in _SECTIONS:
+            continue
+        key = f"{prefix}{f.name.upper()}"
+        for layer in layers:
+            if key in layer:
+                raw = layer[key]
+                try:
+                    values[f.name] = _caster(hints[f.name])(raw)
+                except (ValueError, TypeError):
+                    kind = getattr(hints[f.name], "__name__", str(hints[f.name]))
+                    raise ConfigError(f"{key}={raw!r} is not a valid {kind}") from None
+                break
+    return cls(**values)
+
+
+def _flatten_toml(doc: Mapping[str, Any], prefix: str = "HXB_") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        if isinstance(value, dict) and key in _SECTIONS:
+            flat.update(_flatten_toml(value, f"{prefix}{key.upper()}_"))
+        else:
+            flat[f"{prefix}{key.upper()}"] = value
+    return flat
+
+
+def load_settings(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Reads settings from `environ` (and the TOML file it names), then applies `overrides`,
+    keyed by env var name (`HXB_GATEWAY_PORT`), which is how CLI flags arrive."""
+    layers: list[Mapping[str, Any]] = [dict(overrides or {}), environ]
+    config_file = environ.get("HXB_CONFIG_FILE")
+    if config_file:
+        try:
+            with open(config_file, "rb") as fh:
+                layers.append(_flatten_toml(tomllib.load(fh)))
+        except OSError as exc:
+            raise ConfigError(f"HXB_CONFIG_FILE={config_file!r}: cannot read it ({exc.strerror})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"HXB_CONFIG_FILE={config_file!r}: invalid TOML: {exc}") from None
+    _check_known_keys(layers)
+    sections = {name: _build(cls, f"HXB_{name.upper()}_", layers) for name, cls in _SECTIONS.items()}
+    top = _build(Settings, "HXB_", layers)
+    settings = dataclasses.replace(top, **sections)
+    _validate(settings)
+    return settings
+
+
+def _known_keys() -> set[str]:
+    keys = {f"HXB_{f.name.upper()}" for f in dataclasses.fields(Settings) if f.name not in _SECTIONS}
+    for name, cls in _SECTIONS.items():
+        keys |= {f"HXB_{name.upper()}_{f.name.upper()}" for f in dataclasses.fields(cls)}
+    return keys
+
+
+# Env vars with the HXB_ prefix that are not settings: the CLI's and the instances' own.
+_NOT_SETTINGS = frozenset({"HXB_CONFIG_FILE", "HXB_ENDPOINT"})
+
+
+def _check_known_keys(layers: list[Mapping[str, Any]]) -> None:
+    known = _known_keys() | _NOT_SETTINGS
+    overrides = layers[0]
+    for key in overrides:
+        if key not in known:
+            raise ConfigError(f"unknown setting {key!r}")
+    for layer in layers[2:]:  # TOML: a typo there is an error; stray env vars are not
+        for key in layer:
+            if key not in known:
+                raise ConfigError(f"HXB_CONFIG_FILE: unknown setting {key!r}")
+
+
+def _validate(settings: Settings) -> None:
+    checks: list[tuple[bool, str]] = [
+        (0 <= settings.gateway.port <= 65535, f"HXB_GATEWAY_PORT={settings.gateway.port} is not a TCP port"),
+        (settings.pool.idle_timeout_s > 0, "HXB_POOL_IDLE_TIMEOUT_S must be > 0"),
+        (settings.pool.shutdown_grace_s >= 0, "HXB_POOL_SHUTDOWN_GRACE_S must be >= 0"),
+        (settings.pool.init_timeout_s > 0, "HXB_POOL_INIT_TIMEOUT_S must be > 0"),
+        (settings.pool.max_instances >= 1, "HXB_POOL_MAX_INSTANCES must be >= 1"),
+        (settings.logs.flush_interval_s > 0, "HXB_LOGS_FLUSH_INTERVAL_S must be > 0"),
+        (settings.sandbox.mode in {"local"}, f"HXB_SANDBOX_MODE={settings.sandbox.mode!r}: expected 'local'"),
+        (bool(settings.region.strip()), "HXB_REGION must not be empty"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(env var, default, section) for every setting: docs/configuration.md is checked against it."""
+    rows: list[tuple[str, str, str]] = []
+    for f in dataclasses.fields(Settings):
+        if f.name in _SECTIONS:
+            rows.extend(
+                (f"HXB_{f.name.upper()}_{sf.name.upper()}", repr(_default(sf)), f.name)
+                for sf in dataclasses.fields(_SECTIONS[f.name])
+            )
+        else:
+            rows.append((f"HXB_{f.name.upper()}", repr(_default(f)), ""))
+    return rows
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+__all__ = [
+    "GatewaySettings",
+    "LogSettings",
+    "PoolSettings",
+    "RuntimeSettings",
+    "SandboxSettings",
+    "Settings",
+    "StoreSettings",
+    "load_settings",
+    "settings_table",
+]

@@ -1,0 +1,1 @@
+"""Public HTTP API: the gateway that turns HTTP requests into invocations."""

@@ -1,0 +1,302 @@
+"""Worker: the pool's handle on one instance. Owns the instance's channel, log pipe and exit
+watch, and its lifecycle state machine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Final
+
+from hxb.errors import (
+    FunctionInitError,
+    InitTimeoutError,
+    InternalError,
+    InvocationError,
+    RuntimeExitError,
+    RuntimeProtocolError,
+)
+from hxb.logs.capture import InvocationLog, LineSplitter
+from hxb.logs.records import LogEvent, now_ms
+from hxb.models import FunctionRevision
+from hxb.pool.wire import Frame, FrameDecoder, FrameType, encode_frame
+from hxb.sandbox.base import Sandbox, describe_wait_status
+
+log = logging.getLogger(__name__)
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DEAD = "dead"
+
+
+# Transitions are irreversible: a dead worker never comes back.
+_ALLOWED: Final[dict[WorkerState, frozenset[WorkerState]]] = {
+    WorkerState.STARTING: frozenset({WorkerState.IDLE, WorkerState.BUSY, WorkerState.DEAD}),
+    WorkerState.IDLE: frozenset({WorkerState.BUSY, WorkerState.DEAD}),
+    WorkerState.BUSY: frozenset({WorkerState.IDLE, WorkerState.DEAD}),
+    WorkerState.DEAD: frozenset(),
+}
+
+# How long a runtime that closed its channel gets to actually exit before it is killed.
+_EXIT_AFTER_EOF_S: Final = 2.0
+
+
+class _Channel(asyncio.Protocol):
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    def data_received(self, data: bytes) -> None:
+        self._worker._on_channel_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._worker._on_channel_closed()
+
+
+class Worker:
+    """One instance of one function revision. Serves one invocation at a time."""
+
+    def __init__(
+        self,
+        *,
+        sandbox: Sandbox,
+        revision: FunctionRevision,
+        stream: str,
+        emit_log: Callable[[LogEvent], None],
+        max_response_bytes: int,
+        max_line_bytes: int,
+        on_dead: Callable[[Worker], None],
+        spawn_started: float,
+    ) -> None:
+        self.sandbox = sandbox
+        self._spawn_started = spawn_started
+        self.revision = revision
+        self.stream = stream
+        self.state = WorkerState.STARTING
+        self.spawned_at = time.monotonic()
+        self.last_used = self.spawned_at
+        self.invocations = 0
+        # Reported on the first invocation only, as Lambda reports Init Duration.
+        self.init_duration_ms: float | None = None
+        self.current_log: InvocationLog | None = None
+        self.retired = False
+        self._emit_log = emit_log
+        self._on_dead = on_dead
+        self._decoder = FrameDecoder(max_response_bytes)
+        self._splitter = LineSplitter(max_line_bytes)
+        self._transport: asyncio.Transport | None = None
+        self._waiter: asyncio.Future[Frame] | None = None
+        self._channel_closed = False
+        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+
+    @property
+    def id(self) -> str:
+        return self.sandbox.instance_id
+
+    def transition(self, new: WorkerState) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise InternalError(f"worker {self.id}: illegal transition {self.state.name} -> {new.name}")
+        self.state = new
+
+    # --- start-up -------------------------------------------------------------------------------
+
+    async def attach(self) -> None:
+        loop = self._loop
+        transport, _ = await loop.create_unix_connection(lambda: _Channel(self), sock=self.sandbox.control)
+        self._transport = transport
+        loop.add_reader(self.sandbox.log_fd, self._on_log_readable)
+        loop.add_reader(self.sandbox.exit_fd, self._on_exit_readable)
+
+    async def wait_ready(self, init_timeout_s: float) -> None:
+        """Waits for the runtime's READY. Raises the init error it reports instead, or
+        InitTimeoutError / RuntimeExitError; the caller then kills the instance."""
+        try:
+            async with asyncio.timeout(init_timeout_s):
+                frame = await self._next_frame("init")
+        except TimeoutError:
+            raise InitTimeoutError(init_timeout_s) from None
+        # Init Duration counts from the request to spawn to READY: what the caller waited.
+        self.init_duration_ms = (time.perf_counter() - self._spawn_started) * 1000
+        if frame.type == FrameType.READY:
+            return
+        if frame.type == FrameType.INIT_ERROR:
+            raise self._init_error(frame.body)
+        raise RuntimeProtocolError(f"the runtime sent {frame.type.name} before it was ready")
+
+    @staticmethod
+    def _init_error(body: bytes) -> FunctionInitError:
+        try:
+            doc = json.loads(body)
+            return FunctionInitError(
+                str(doc.get("errorType") or "Runtime.Unknown"),
+                str(doc.get("errorMessage") or ""),
+                tuple(str(s) for s in doc.get("stackTrace") or ()),
+            )
+        except (ValueError, AttributeError, TypeError):
+            return FunctionInitError("Runtime.InvalidInitError", "the runtime reported an unreadable init error")
+
+    # --- invoking -------------------------------------------------------------------------------
+
+    async def invoke(self, meta: bytes, payload: bytes) -> Frame:
+        """Sends one INVOKE and waits for its RESULT or ERROR frame (no deadline here: the
+        pool wraps this in the function's timeout)."""
+        if self._transport is None or self._channel_closed:
+            raise await self._exit_error("")
+        self._drain_log_pipe()
+        self._transport.write(encode_frame(FrameType.INVOKE, meta, payload))
+        frame = await self._next_frame("invoke")
+        if frame.type not in (FrameType.RESULT, FrameType.ERROR):
+            raise RuntimeProtocolError(f"the runtime answered an invocation with {frame.type.name}")
+        # Everything the handler printed was written to the pipe before the runtime sent its
+        # answer, but the loop may not have read it yet: read it now, before END is logged.
+        self._drain_log_pipe()
+        for line in self._splitter.flush():
+            self._route_line(line)
+        return frame
+
+    async def _next_frame(self, phase: str) -> Frame:
+        if self._waiter is not None:
+            raise InternalError(f"worker {self.id}: two waiters on one channel")
+        if self._channel_closed:
+            raise await self._exit_error(phase)
+        self._waiter = self._loop.create_future()
+        try:
+            return await self._waiter
+        finally:
+            self._waiter = None
+
+    async def _exit_error(self, phase: str) -> InvocationError:
+        """The runtime closed its channel: wait (briefly) for its exit status to say why."""
+        try:
+            async with asyncio.timeout(_EXIT_AFTER_EOF_S):
+                status = await asyncio.shield(self._exited)
+        except TimeoutError:
+            self.sandbox.kill()
+            status = await asyncio.shield(self._exited)
+        invocation_id = self.current_log.invocation_id if self.current_log else ""
+        return RuntimeExitError(invocation_id, describe_wait_status(status))
+
+    def _on_channel_data(self, data: bytes) -> None:
+        try:
+            frames = self._decoder.feed(data)
+        except InvocationError as exc:
+            self._fail_channel(exc)
+            return
+        for frame in frames:
+            waiter = self._waiter
+            if waiter is None or waiter.done():
+                self._fail_channel(RuntimeProtocolError(f"the runtime sent an unexpected {frame.type.name} frame"))
+                return
+            waiter.set_result(frame)
+
+    def _fail_channel(self, exc: InvocationError) -> None:
+        # A runtime that breaks the protocol is not trusted again.
+        self.sandbox.kill()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc)
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _on_channel_closed(self) -> None:
+        self._channel_closed = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            task = self._loop.create_task(self._exit_error("invoke"))
+
+            def deliver(done: asyncio.Task[InvocationError]) -> None:
+                if not waiter.done():
+                    waiter.set_exception(done.result())
+
+            task.add_done_callback(deliver)
+
+    # --- exit and logs --------------------------------------------------------------------------
+
+    def _on_exit_readable(self) -> None:
+        status = self.sandbox.poll_exit()
+        if status is None:
+            return
+        self._loop.remove_reader(self.sandbox.exit_fd)
+        self._drain_log_pipe()
+        for line in self._splitter.flush():
+            self._route_line(line)
+        if not self._exited.done():
+            self._exited.set_result(status)
+        if self.state is not WorkerState.DEAD:
+            self.transition(WorkerState.DEAD)
+        self._on_dead(self)
+
+    async def wait_exited(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def _on_log_readable(self) -> None:
+        self._drain_log_pipe()
+
+    def _drain_log_pipe(self) -> None:
+        fd = self.sandbox.log_fd
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                # EOF: every writer (the instance and its children) is gone.
+                self._loop.remove_reader(fd)
+                return
+            for line in self._splitter.feed(data):
+                self._route_line(line)
+            if len(data) < 65536:
+                return
+
+    def _route_line(self, line: str) -> None:
+        if self.current_log is not None:
+            self.current_log.add(line)
+        else:
+            self.instance_log(line)
+
+    def instance_log(self, message: str) -> None:
+        """A line that belongs to the instance, not to one invocation (init, shutdown)."""
+        rev = self.revision
+        self._emit_log(LogEvent(rev.workspace, rev.name, self.stream, None, now_ms(), message))
+
+    # --- shutdown -------------------------------------------------------------------------------
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM, up to `grace_s` for the instance's cleanup hooks, then SIGKILL."""
+        if self.state is not WorkerState.DEAD:
+            self.transition(WorkerState.DEAD)
+        if not self._exited.done():
+            self.sandbox.terminate()
+            try:
+                async with asyncio.timeout(grace_s):
+                    await asyncio.shield(self._exited)
+            except TimeoutError:
+                self.sandbox.kill()
+                await asyncio.shield(self._exited)
+        self.close()
+
+    async def kill(self) -> None:
+        if self.state is not WorkerState.DEAD:
+            self.transition(WorkerState.DEAD)
+        self.sandbox.kill()
+        if not self._exited.done():
+            await asyncio.shield(self._exited)
+        self.close()
+
+    def close(self) -> None:
+        loop = self._loop
+        for fd in (self.sandbox.log_fd, self.sandbox.exit_fd):
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(fd)
+        if self._transport is not None:
+            self._transport.abort()
+        self.sandbox.close()

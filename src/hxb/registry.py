@@ -1,0 +1,208 @@
+"""FunctionRegistry: deploys, reconfigures and deletes functions, keeping the store, the code
+directory, the router and the pool in step. The one writer of function state."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import uuid
+from collections import defaultdict
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+
+from hxb.errors import ClientError, FunctionExistsError, FunctionNotFoundError, PackageError, SpecError
+from hxb.models import LATEST, FunctionRevision
+from hxb.packaging import PackageLimits, read_config_text, unpack_package
+from hxb.pool.manager import PoolManager
+from hxb.router import Router
+from hxb.runtimes import RuntimeCatalog, RuntimeInfo
+from hxb.runtimes.catalog import compile_tree
+from hxb.spec import FunctionConfig, apply_config_patch, is_python_runtime, parse_function_file
+from hxb.store import FunctionRecord, Store
+
+log = logging.getLogger(__name__)
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class FunctionRegistry:
+    def __init__(
+        self,
+        *,
+        data_dir: Path,
+        region: str,
+        store: Store,
+        catalog: RuntimeCatalog,
+        pool: PoolManager,
+        router: Router,
+        package_limits: PackageLimits,
+    ) -> None:
+        self._code_root = data_dir / "code"
+        self._code_root.mkdir(parents=True, exist_ok=True)
+        self._region = region
+        self._store = store
+        self._catalog = catalog
+        self._pool = pool
+        self._router = router
+        self._limits = package_limits
+        # Deploys of one function run one at a time; different functions deploy in parallel.
+        self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def load(self) -> list[str]:
+        """Routes every stored function (after a restart). Returns the problems found: a
+        function whose runtime or code has gone is skipped, loudly, not fatal."""
+        problems: list[str] = []
+        for record in await self._store.list_functions():
+            try:
+                revision = self._revision_from(record)
+            except ClientError as exc:
+                problems.append(f"function {record.name!r} not loaded: {exc}")
+                continue
+            self._router.put(revision)
+        return problems
+
+    def _revision_from(self, record: FunctionRecord) -> FunctionRevision:
+        config = FunctionConfig.model_validate(record.config)
+        code_dir = self._code_root / record.code_sha256
+        if not code_dir.is_dir():
+            raise PackageError(f"its code {record.code_sha256[:12]} is missing from {self._code_root}")
+        return FunctionRevision(
+            workspace=record.workspace,
+            name=record.name,
+            version=LATEST,
+            revision_id=record.revision_id,
+            config=config,
+            code_dir=code_dir,
+            code_sha256=record.code_sha256,
+            code_size_bytes=record.code_size_bytes,
+            runtime=self._catalog.get(config.runtime),
+            region=self._region,
+            last_modified=record.last_modified,
+        )
+
+    # --- deploy ---------------------------------------------------------------------------------
+
+    async def deploy(
+        self, workspace: str, zip_path: Path, *, expected_name: str | None = None, create_only: bool = False
+    ) -> tuple[FunctionRevision, bool]:
+        """Validates and unpacks a package and makes it the function's $LATEST. Returns the
+        new revision and whether the function was created. When this returns, the function
+        can be invoked."""
+        member, text = await asyncio.to_thread(read_config_text, zip_path, limits=self._limits)
+        config = parse_function_file(text, source=member)
+        if expected_name is not None and config.name != expected_name:
+            raise SpecError(
+                f"{member}: function.name is {config.name!r} but the request is for {expected_name!r}",
+                source=member,
+            )
+        runtime = self._check_deployable(config)
+        async with self._locks[(workspace, config.name)]:
+            existing = await self._store.get_function(workspace, config.name)
+            if existing is not None and create_only:
+                raise FunctionExistsError(config.name)
+            sha, size = await self._install_code(zip_path)
+            if is_python_runtime(config.runtime):
+                # Compiled now, so that no cold start pays for compiling the code or the bootstrap.
+                await compile_tree(runtime, [self._code_root / sha])
+                await self._catalog.ensure_compiled(runtime)
+            now = _now_iso()
+            record = FunctionRecord(
+                workspace=workspace,
+                name=config.name,
+                revision_id=uuid.uuid4().hex,
+                config=config.model_dump(mode="json", by_alias=True),
+                code_sha256=sha,
+                code_size_bytes=size,
+                created_at=existing.created_at if existing else now,
+                last_modified=now,
+            )
+            await self._commit(record, previous=existing)
+        return self._route(record), existing is None
+
+    def _check_deployable(self, config: FunctionConfig) -> RuntimeInfo:
+        runtime = self._catalog.get(config.runtime)
+        if config.layers:
+            raise ClientError(
+                f"layer {config.layers[0]!r} not found: this server has no layers yet (remove function.layers)"
+            )
+        return runtime
+
+    async def _install_code(self, zip_path: Path) -> tuple[str, int]:
+        """Unpacks into `code/<sha256 of the zip>`; an identical package is unpacked once."""
+        staging = self._code_root / f".staging-{uuid.uuid4().hex}"
+        try:
+            unpacked = await asyncio.to_thread(unpack_package, zip_path, staging, limits=self._limits)
+            target = self._code_root / unpacked.sha256
+            if target.is_dir():
+                await asyncio.to_thread(shutil.rmtree, staging, True)
+            else:
+                staging.rename(target)
+            return unpacked.sha256, unpacked.unzipped_bytes
+        finally:
+            if staging.exists():
+                await asyncio.to_thread(shutil.rmtree, staging, True)
+
+    async def _commit(self, record: FunctionRecord, *, previous: FunctionRecord | None) -> None:
+        await self._store.put_function(record)
+        old = self._router.put(self._revision_from(record))
+        if old is not None:
+            self._pool.retire(old.key)
+        if previous is not None and previous.code_sha256 != record.code_sha256:
+            await self._collect_code(previous.code_sha256)
+
+    def _route(self, record: FunctionRecord) -> FunctionRevision:
+        revision = self._router.get(record.workspace, record.name)
+        if revision is None:
+            raise FunctionNotFoundError(record.name)
+        return revision
+
+    async def _collect_code(self, code_sha256: str) -> None:
+        if not await self._store.code_in_use(code_sha256):
+            await asyncio.to_thread(shutil.rmtree, self._code_root / code_sha256, True)
+
+    # --- configuration, delete, read ---------------------------------------------------------------
+
+    async def update_config(self, workspace: str, name: str, patch: Mapping[str, object]) -> FunctionRevision:
+        async with self._locks[(workspace, name)]:
+            existing = await self._store.get_function(workspace, name)
+            if existing is None:
+                raise FunctionNotFoundError(name)
+            current = FunctionConfig.model_validate(existing.config)
+            config = apply_config_patch(current, patch)
+            self._check_deployable(config)
+            record = FunctionRecord(
+                workspace=workspace,
+                name=name,
+                revision_id=uuid.uuid4().hex,
+                config=config.model_dump(mode="json", by_alias=True),
+                code_sha256=existing.code_sha256,
+                code_size_bytes=existing.code_size_bytes,
+                created_at=existing.created_at,
+                last_modified=_now_iso(),
+            )
+            if config.runtime != current.runtime and is_python_runtime(config.runtime):
+                await compile_tree(self._catalog.get(config.runtime), [self._code_root / record.code_sha256])
+            await self._commit(record, previous=existing)
+        return self._route(record)
+
+    async def delete(self, workspace: str, name: str) -> None:
+        async with self._locks[(workspace, name)]:
+            existing = await self._store.get_function(workspace, name)
+            if existing is None:
+                raise FunctionNotFoundError(name)
+            await self._store.delete_function(workspace, name)
+            old = self._router.remove(workspace, name)
+            if old is not None:
+                self._pool.retire(old.key)
+            await self._store.delete_logs(workspace, name)
+            await self._collect_code(existing.code_sha256)
+
+    def get(self, workspace: str, name: str) -> FunctionRevision:
+        return self._router.resolve(workspace, name)
+
+    def list(self, workspace: str | None = None) -> list[FunctionRevision]:
+        return self._router.list(workspace)

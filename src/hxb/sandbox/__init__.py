@@ -1,0 +1,1 @@
+"""Sandboxes: how instance processes are started and isolated."""

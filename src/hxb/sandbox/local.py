@@ -1,0 +1,164 @@
+"""LocalSandboxFactory: each instance is a plain child process, with no isolation.
+
+For development machines where namespaces and cgroups are unavailable, and the reference
+against which the isolating factories are measured. Instances still get their own process
+group (so a kill takes their children too), a private TMPDIR and nothing but the fds we pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+from pathlib import Path
+
+from hxb.sandbox.base import SandboxPaths, SandboxSpec
+
+# The bootstrap finds its end of the control channel here (see _hxb_bootstrap.main).
+CONTROL_FD = 3
+
+
+class LocalSandbox:
+    def __init__(self, instance_id: str, pid: int, control: socket.socket, log_fd: int, workdir: Path) -> None:
+        self._instance_id = instance_id
+        self._pid = pid
+        self._control = control
+        self._log_fd = log_fd
+        self._workdir = workdir
+        self._exit_fd = os.pidfd_open(pid)
+        self._status: int | None = None
+        self._closed = False
+
+    @property
+    def instance_id(self) -> str:
+        return self._instance_id
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def control(self) -> socket.socket:
+        return self._control
+
+    @property
+    def log_fd(self) -> int:
+        return self._log_fd
+
+    @property
+    def exit_fd(self) -> int:
+        return self._exit_fd
+
+    def poll_exit(self) -> int | None:
+        if self._status is None:
+            try:
+                pid, status = os.waitpid(self._pid, os.WNOHANG)
+            except ChildProcessError:
+                return self._status
+            if pid == self._pid:
+                self._status = status
+        return self._status
+
+    def terminate(self) -> None:
+        self._signal_group(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        # The instance leads its own process group: signalling the group reaches the
+        # processes it spawned too (those that did not start a session of their own).
+        if self._status is not None and sig == signal.SIGTERM:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._pid, sig)
+
+    def memory_peak_bytes(self) -> int | None:
+        try:
+            with open(f"/proc/{self._pid}/status", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            return None
+        return None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._control.close()
+        for fd in (self._log_fd, self._exit_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+class LocalSandboxFactory:
+    """Starts instances with posix_spawn: no fork of the (large) platform process."""
+
+    def __init__(self, instances_dir: Path) -> None:
+        self._instances_dir = instances_dir
+        instances_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def name(self) -> str:
+        return "local"
+
+    def _workdir(self, instance_id: str) -> Path:
+        return self._instances_dir / instance_id
+
+    def paths(self, spec_code_dir: Path, runtime_dir: Path, instance_id: str) -> SandboxPaths:
+        workdir = self._workdir(instance_id)
+        # An empty per-instance /opt: the host's own /opt must not land on sys.path.
+        return SandboxPaths(
+            task_root=str(spec_code_dir),
+            runtime_root=str(runtime_dir),
+            opt_root=str(workdir / "opt"),
+            tmp_dir=str(workdir / "tmp"),
+        )
+
+    async def start(self, spec: SandboxSpec) -> LocalSandbox:
+        workdir = self._workdir(spec.instance_id)
+        (workdir / "tmp").mkdir(parents=True, exist_ok=True)
+        (workdir / "opt").mkdir(exist_ok=True)
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        log_r, log_w = os.pipe()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        env = dict(spec.env)
+        env["_HXB_CONTROL_FD"] = str(CONTROL_FD)
+        if child_sock.fileno() == CONTROL_FD:
+            # dup2 onto itself would keep close-on-exec set: make it inheritable instead.
+            os.set_inheritable(CONTROL_FD, True)
+        try:
+            # posix_spawn is vfork + exec: it returns in well under a millisecond and never
+            # copies the platform's memory, so it is fine on the event loop.
+            pid = os.posix_spawn(  # noqa: ASYNC221
+                spec.argv[0],
+                list(spec.argv),
+                env,
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, devnull, 0),
+                    (os.POSIX_SPAWN_DUP2, log_w, 1),
+                    (os.POSIX_SPAWN_DUP2, log_w, 2),
+                    (os.POSIX_SPAWN_DUP2, child_sock.fileno(), CONTROL_FD),
+                ],
+                setpgroup=0,
+            )
+        except OSError:
+            parent_sock.close()
+            os.close(log_r)
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        finally:
+            child_sock.close()
+            os.close(log_w)
+            os.close(devnull)
+        parent_sock.setblocking(False)
+        os.set_blocking(log_r, False)
+        return LocalSandbox(spec.instance_id, pid, parent_sock, log_r, workdir)
+
+    async def close(self) -> None:
+        return None

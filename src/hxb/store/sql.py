@@ -1,0 +1,213 @@
+"""SqlStore: the one Store implementation, on SQLAlchemy Core (async), for SQLite (the
+embedded default, through aiosqlite) and PostgreSQL (through asyncpg)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, delete, event, insert, select
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from hxb.errors import StoreError
+from hxb.logs.records import LogEvent
+from hxb.store.base import FunctionRecord, StoredLogEvent
+from hxb.store.schema import functions, log_events
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _run_migrations(connection: Connection) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    # Alembic logs every step at INFO; a platform start is not the place for that.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, "head")
+
+
+def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+    cursor = dbapi_conn.cursor()
+    # WAL: readers (log queries) never block the writer (the log sink), and a crash loses
+    # at most the last transaction. NORMAL sync is durable enough under WAL.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class SqlStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    @classmethod
+    async def open(cls, url: str) -> SqlStore:
+        engine = create_async_engine(_async_url(url))
+        if engine.dialect.name == "sqlite":
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(_run_migrations)
+        except (SQLAlchemyError, OSError) as exc:
+            await engine.dispose()
+            raise StoreError(f"cannot open the store at {_redact(url)}: {exc}") from exc
+        return cls(engine)
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    # --- functions ------------------------------------------------------------------------------
+
+    async def put_function(self, record: FunctionRecord) -> None:
+        values = _record_values(record)
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                delete(functions).where(functions.c.workspace == record.workspace, functions.c.name == record.name)
+            )
+            await conn.execute(insert(functions).values(**values))
+
+    async def get_function(self, workspace: str, name: str) -> FunctionRecord | None:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(functions).where(functions.c.workspace == workspace, functions.c.name == name)
+                )
+            ).first()
+        return _record(row._mapping) if row is not None else None
+
+    async def list_functions(self, workspace: str | None = None) -> list[FunctionRecord]:
+        query = select(functions).order_by(functions.c.workspace, functions.c.name)
+        if workspace is not None:
+            query = query.where(functions.c.workspace == workspace)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_record(row._mapping) for row in rows]
+
+    async def delete_function(self, workspace: str, name: str) -> bool:
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                delete(functions).where(functions.c.workspace == workspace, functions.c.name == name)
+            )
+        return bool(result.rowcount)
+
+    async def code_in_use(self, code_sha256: str) -> bool:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(select(functions.c.name).where(functions.c.code_sha256 == code_sha256).limit(1))
+            ).first()
+        return row is not None
+
+    # --- logs -----------------------------------------------------------------------------------
+
+    async def append_logs(self, events: Sequence[LogEvent]) -> None:
+        if not events:
+            return
+        rows = [
+            {
+                "workspace": e.workspace,
+                "function": e.function,
+                "stream": e.stream,
+                "invocation_id": e.invocation_id,
+                "ts_ms": e.ts_ms,
+                # PostgreSQL text cannot hold NUL; SQLite can, but keep both stores alike.
+                "message": e.message.replace("\x00", "\ufffd"),
+            }
+            for e in events
+        ]
+        async with self._engine.begin() as conn:
+            await conn.execute(insert(log_events), rows)
+
+    async def query_logs(
+        self,
+        workspace: str,
+        function: str,
+        *,
+        since_ms: int | None = None,
+        after_id: int | None = None,
+        invocation_id: str | None = None,
+        limit: int = 1000,
+    ) -> list[StoredLogEvent]:
+        c = log_events.c
+        query = select(c.id, c.stream, c.invocation_id, c.ts_ms, c.message).where(
+            c.workspace == workspace, c.function == function
+        )
+        if since_ms is not None:
+            query = query.where(c.ts_ms >= since_ms)
+        if after_id is not None:
+            query = query.where(c.id > after_id)
+        if invocation_id is not None:
+            query = query.where(c.invocation_id == invocation_id)
+        query = query.order_by(c.id).limit(limit)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [StoredLogEvent(r.id, r.stream, r.invocation_id, r.ts_ms, r.message) for r in rows]
+
+    async def delete_logs(self, workspace: str, function: str) -> int:
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                delete(log_events).where(log_events.c.workspace == workspace, log_events.c.function == function)
+            )
+        return int(result.rowcount or 0)
+
+    async def delete_logs_before(self, ts_ms: int) -> int:
+        async with self._engine.begin() as conn:
+            result = await conn.execute(delete(log_events).where(log_events.c.ts_ms < ts_ms))
+        return int(result.rowcount or 0)
+
+
+def _record_values(record: FunctionRecord) -> dict[str, Any]:
+    return {
+        "workspace": record.workspace,
+        "name": record.name,
+        "revision_id": record.revision_id,
+        "config": record.config,
+        "code_sha256": record.code_sha256,
+        "code_size_bytes": record.code_size_bytes,
+        "created_at": record.created_at,
+        "last_modified": record.last_modified,
+    }
+
+
+def _record(row: Any) -> FunctionRecord:
+    return FunctionRecord(
+        workspace=row["workspace"],
+        name=row["name"],
+        revision_id=row["revision_id"],
+        config=dict(row["config"]),
+        code_sha256=row["code_sha256"],
+        code_size_bytes=int(row["code_size_bytes"]),
+        created_at=row["created_at"],
+        last_modified=row["last_modified"],
+    )
+
+
+def _async_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise StoreError(f"store URL {url!r} has no scheme (expected sqlite:///PATH or postgresql://...)")
+    drivers = {
+        "sqlite": "sqlite+aiosqlite",
+        "postgresql": "postgresql+asyncpg",
+        "postgres": "postgresql+asyncpg",
+    }
+    base = scheme.split("+", 1)[0]
+    if base not in drivers:
+        raise StoreError(f"store URL scheme {scheme!r} is not supported (expected sqlite or postgresql)")
+    return f"{drivers[base]}://{rest}"
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
