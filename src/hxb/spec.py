@@ -11,7 +11,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import yaml
 from pydantic import (
@@ -589,6 +589,22 @@ def _is_python_handler(handler: str) -> bool:
 # --- parsing and error rendering ---------------------------------------------------------------------
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice in one mapping (plain YAML keeps the
+    last one silently, so a second `memory:` would quietly win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_function_file(text: str, *, source: str = "hexabase.yaml") -> FunctionConfig:
     """Parse and validate the text of a `hexabase.yaml`.
 
@@ -596,7 +612,7 @@ def parse_function_file(text: str, *, source: str = "hexabase.yaml") -> Function
         SpecError: the YAML is malformed or the configuration is invalid; one problem line per mistake.
     """
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
     except yaml.YAMLError as exc:
         # from None: the YAML error's own text is already in the problem line.
         raise _spec_error(source, [_yaml_problem(exc)]) from None

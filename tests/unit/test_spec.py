@@ -795,3 +795,10 @@ def test_max_layers_constant_matches_the_enforced_limit() -> None:
     config = parse_function_file(document(layers=[f"layer-{index}" for index in range(MAX_LAYERS)]))
 
     assert len(config.layers) == MAX_LAYERS
+
+
+def test_a_key_given_twice_is_refused_with_its_line() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_function_file("function:\n  name: twice\n  memory: 256\n  memory: 512\n")
+    assert "line 4" in str(info.value)
+    assert "duplicate key 'memory'" in str(info.value)

@@ -12,17 +12,18 @@ import urllib.parse
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-from rich.table import Table
 
 from hxb.cli.client import DEFAULT_ENDPOINT, ApiClient, CliError
-from hxb.errors import PackageError, SpecError
-from hxb.packaging import pack_directory
-from hxb.spec import load_function_file
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+# Heavier modules (pydantic through hxb.spec, the zip packer, rich's progress bars) are
+# imported by the commands that need them: `hxb function invoke` should start fast.
 
 app = typer.Typer(help="Deploy, invoke and inspect functions.", no_args_is_help=True)
 out = Console(soft_wrap=True)
@@ -48,6 +49,10 @@ def deploy(
     endpoint: EndpointOption = DEFAULT_ENDPOINT,
 ) -> None:
     """Zip DIRECTORY (honouring .hxbignore) and deploy it. Returns once the function can be invoked."""
+    from hxb.errors import PackageError, SpecError
+    from hxb.packaging import pack_directory
+    from hxb.spec import load_function_file
+
     if not directory.is_dir():
         raise CliError(f"{directory}: not a directory")
     try:
@@ -87,6 +92,8 @@ def deploy(
 
 
 def _progress() -> Progress:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
     return Progress(
         TextColumn("{task.description:>10}"),
         BarColumn(),
@@ -166,6 +173,8 @@ def invoke(
 @app.command("list")
 def list_functions(endpoint: EndpointOption = DEFAULT_ENDPOINT) -> None:
     """List the deployed functions."""
+    from rich.table import Table
+
     with ApiClient(endpoint) as client:
         functions = client.request("GET", "/v1/functions").json()["functions"]
     if not functions:

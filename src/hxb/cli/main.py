@@ -3,23 +3,18 @@ and an exit code (the only place that exits)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
-import tempfile
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from hxb import __version__
 from hxb.cli import function as function_cli
 from hxb.cli.client import DEFAULT_ENDPOINT, ApiClient, CliError
 from hxb.cli.serve import serve
 from hxb.errors import PlatformError
-from hxb.spec import function_file_json_schema
 
 app = typer.Typer(
     name="hxb",
@@ -55,6 +50,8 @@ def _root(
 @config_app.command("schema")
 def config_schema() -> None:
     """Print the JSON Schema of hexabase.yaml (for editors and CI validation)."""
+    from hxb.spec import function_file_json_schema
+
     print(json.dumps(function_file_json_schema(), indent=2))
 
 
@@ -64,6 +61,8 @@ def runtimes(
     local: Annotated[bool, typer.Option("--local", help="Look on this machine instead of asking the server.")] = False,
 ) -> None:
     """List the runtimes the server offers (python3.X for every CPython it found)."""
+    from rich.table import Table
+
     if local:
         rows = _local_runtimes()
     else:
@@ -78,6 +77,10 @@ def runtimes(
 
 
 def _local_runtimes() -> list[dict[str, str]]:
+    import asyncio
+    import tempfile
+    from pathlib import Path
+
     from hxb.runtimes import RuntimeCatalog
 
     with tempfile.TemporaryDirectory() as tmp:

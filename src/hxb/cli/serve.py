@@ -9,15 +9,18 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-import uvicorn
 
 from hxb.cli.client import CliError
-from hxb.config import Settings, load_settings
 from hxb.errors import PlatformError
-from hxb.services import DEMO_FUNCTION, Services
+
+if TYPE_CHECKING:
+    from hxb.config import Settings
+    from hxb.services import Services
+
+DEMO_FUNCTION = "hello"  # the demo `--demo` deploys; hxb.services ships it
 
 
 def serve(
@@ -29,6 +32,8 @@ def serve(
     log_level: Annotated[str, typer.Option("--log-level", help="Platform log level.")] = "info",
 ) -> None:
     """Run the platform: the gateway, router and pool, on an embedded store by default."""
+    from hxb.config import load_settings
+
     flags: dict[str, Any] = {
         "HXB_GATEWAY_HOST": host,
         "HXB_GATEWAY_PORT": port,
@@ -83,7 +88,10 @@ def run(settings: Settings, *, demo: bool) -> None:
 
 
 async def _serve(settings: Settings, sock: socket.socket, *, demo: bool) -> None:
+    import uvicorn
+
     from hxb.gateway.app import build_app
+    from hxb.services import Services
 
     services = await Services.open(settings)
     services.deploy_demo = demo
@@ -97,6 +105,7 @@ async def _serve(settings: Settings, sock: socket.socket, *, demo: bool) -> None
         access_log=False,
         timeout_graceful_shutdown=int(settings.gateway.graceful_shutdown_s) or None,
         server_header=False,
+        proxy_headers=False,
         date_header=False,
     )
     server = uvicorn.Server(config)

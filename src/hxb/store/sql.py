@@ -23,11 +23,10 @@ _MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def _run_migrations(connection: Connection) -> None:
+    # Alembic logs every step at INFO (some while importing); a platform start is not the place.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     from alembic import command
     from alembic.config import Config
-
-    # Alembic logs every step at INFO; a platform start is not the place for that.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
 
     cfg = Config()
     cfg.set_main_option("script_location", str(_MIGRATIONS))
