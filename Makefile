@@ -32,7 +32,7 @@ fmt: install
 	$(BIN)/ruff format src tests benchmarks
 
 type: install
-	$(BIN)/mypy src
+	$(BIN)/mypy src tests
 
 test-unit: install
 	$(BIN)/pytest tests/unit

@@ -4,10 +4,11 @@ directory, the router and the pool in step. The one writer of function state."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import shutil
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +52,15 @@ class FunctionRegistry:
         self._limits = package_limits
         # Deploys of one function run one at a time; different functions deploy in parallel.
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Code directories a deploy is installing right now: not garbage, though no function uses them yet.
+        self._installing: Counter[str] = Counter()
+        self._gc_tasks: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        """Stops waiting to delete retired code; what is left is swept at the next start."""
+        for task in list(self._gc_tasks):
+            task.cancel()
+        await asyncio.gather(*self._gc_tasks, return_exceptions=True)
 
     async def load(self) -> list[str]:
         """Routes every stored function (after a restart). Returns the problems found: a
@@ -63,7 +73,16 @@ class FunctionRegistry:
                 problems.append(f"function {record.name!r} not loaded: {exc}")
                 continue
             self._router.put(revision)
+        await self._sweep_code()
         return problems
+
+    async def _sweep_code(self) -> None:
+        """Deletes code directories no function uses (left by a stop before they drained)."""
+        for path in list(self._code_root.iterdir()):
+            if path.name.startswith((".staging-", ".trash-")):
+                await asyncio.to_thread(shutil.rmtree, path, True)
+            elif path.is_dir():
+                await self._collect_code(path.name)
 
     def _revision_from(self, record: FunctionRecord) -> FunctionRevision:
         config = FunctionConfig.model_validate(record.config)
@@ -104,24 +123,36 @@ class FunctionRegistry:
             existing = await self._store.get_function(workspace, config.name)
             if existing is not None and create_only:
                 raise FunctionExistsError(config.name)
-            sha, size = await self._install_code(zip_path)
-            if is_python_runtime(config.runtime):
-                # Compiled now, so that no cold start pays for compiling the code or the bootstrap.
-                await compile_tree(runtime, [self._code_root / sha])
-                await self._catalog.ensure_compiled(runtime)
-            now = _now_iso()
-            record = FunctionRecord(
-                workspace=workspace,
-                name=config.name,
-                revision_id=uuid.uuid4().hex,
-                config=config.model_dump(mode="json", by_alias=True),
-                code_sha256=sha,
-                code_size_bytes=size,
-                created_at=existing.created_at if existing else now,
-                last_modified=now,
-            )
-            await self._commit(record, previous=existing)
-        return self._route(record), existing is None
+            sha = await asyncio.to_thread(_file_sha256, zip_path)
+            self._installing[sha] += 1
+            try:
+                size = await self._install_code(zip_path, sha)
+                if is_python_runtime(config.runtime):
+                    # Compiled now, so that no cold start pays for compiling the code or the bootstrap.
+                    await compile_tree(runtime, [self._code_root / sha])
+                    await self._catalog.ensure_compiled(runtime)
+                revision = await self._commit_new(workspace, config, sha, size, existing)
+            finally:
+                self._installing[sha] -= 1
+                if not self._installing[sha]:
+                    del self._installing[sha]
+        return revision, existing is None
+
+    async def _commit_new(
+        self, workspace: str, config: FunctionConfig, sha: str, size: int, existing: FunctionRecord | None
+    ) -> FunctionRevision:
+        now = _now_iso()
+        record = FunctionRecord(
+            workspace=workspace,
+            name=config.name,
+            revision_id=uuid.uuid4().hex,
+            config=config.model_dump(mode="json", by_alias=True),
+            code_sha256=sha,
+            code_size_bytes=size,
+            created_at=existing.created_at if existing else now,
+            last_modified=now,
+        )
+        return await self._commit(record, previous=existing)
 
     def _check_deployable(self, config: FunctionConfig) -> RuntimeInfo:
         runtime = self._catalog.get(config.runtime)
@@ -131,38 +162,57 @@ class FunctionRegistry:
             )
         return runtime
 
-    async def _install_code(self, zip_path: Path) -> tuple[str, int]:
-        """Unpacks into `code/<sha256 of the zip>`; an identical package is unpacked once."""
+    async def _install_code(self, zip_path: Path, sha: str) -> int:
+        """Unpacks into `code/<sha256 of the zip>`; an identical package is unpacked once.
+        The caller has marked `sha` as installing, so garbage collection keeps it."""
         staging = self._code_root / f".staging-{uuid.uuid4().hex}"
         try:
             unpacked = await asyncio.to_thread(unpack_package, zip_path, staging, limits=self._limits)
-            target = self._code_root / unpacked.sha256
+            target = self._code_root / sha
             if target.is_dir():
                 await asyncio.to_thread(shutil.rmtree, staging, True)
             else:
                 staging.rename(target)
-            return unpacked.sha256, unpacked.unzipped_bytes
+            return unpacked.unzipped_bytes
         finally:
             if staging.exists():
                 await asyncio.to_thread(shutil.rmtree, staging, True)
 
-    async def _commit(self, record: FunctionRecord, *, previous: FunctionRecord | None) -> None:
+    async def _commit(self, record: FunctionRecord, *, previous: FunctionRecord | None) -> FunctionRevision:
+        revision = self._revision_from(record)
         await self._store.put_function(record)
-        old = self._router.put(self._revision_from(record))
+        old = self._router.put(revision)
         if old is not None:
-            self._pool.retire(old.key)
-        if previous is not None and previous.code_sha256 != record.code_sha256:
-            await self._collect_code(previous.code_sha256)
-
-    def _route(self, record: FunctionRecord) -> FunctionRevision:
-        revision = self._router.get(record.workspace, record.name)
-        if revision is None:
-            raise FunctionNotFoundError(record.name)
+            self._retire(old)
         return revision
 
+    def _retire(self, old: FunctionRevision) -> None:
+        """Stops the old revision's instances; its code goes once the last of them exited
+        (an invocation still running on it keeps importing and reading its files)."""
+        self._pool.retire(old.key)
+
+        async def collect_when_drained() -> None:
+            await self._pool.wait_drained(old.key)
+            await self._collect_code(old.code_sha256)
+
+        task = asyncio.get_running_loop().create_task(collect_when_drained(), name=f"hxb-gc-{old.name}")
+        self._gc_tasks.add(task)
+        task.add_done_callback(self._gc_tasks.discard)
+
     async def _collect_code(self, code_sha256: str) -> None:
-        if not await self._store.code_in_use(code_sha256):
-            await asyncio.to_thread(shutil.rmtree, self._code_root / code_sha256, True)
+        """Deletes a code directory nothing uses any more. No await between the check and the
+        rename, so no deploy or instance start can slip in between; the removal itself runs
+        in a thread, on a name nothing refers to."""
+        if code_sha256 in self._installing or self._pool.code_in_use(code_sha256):
+            return
+        if any(r.code_sha256 == code_sha256 for r in self._router.list()):
+            return
+        trash = self._code_root / f".trash-{uuid.uuid4().hex}"
+        try:
+            (self._code_root / code_sha256).rename(trash)
+        except FileNotFoundError:
+            return
+        await asyncio.to_thread(shutil.rmtree, trash, True)
 
     # --- configuration, delete, read ---------------------------------------------------------------
 
@@ -186,8 +236,7 @@ class FunctionRegistry:
             )
             if config.runtime != current.runtime and is_python_runtime(config.runtime):
                 await compile_tree(self._catalog.get(config.runtime), [self._code_root / record.code_sha256])
-            await self._commit(record, previous=existing)
-        return self._route(record)
+            return await self._commit(record, previous=existing)
 
     async def delete(self, workspace: str, name: str) -> None:
         async with self._locks[(workspace, name)]:
@@ -197,12 +246,19 @@ class FunctionRegistry:
             await self._store.delete_function(workspace, name)
             old = self._router.remove(workspace, name)
             if old is not None:
-                self._pool.retire(old.key)
+                self._retire(old)
             await self._store.delete_logs(workspace, name)
-            await self._collect_code(existing.code_sha256)
 
     def get(self, workspace: str, name: str) -> FunctionRevision:
         return self._router.resolve(workspace, name)
 
     def list(self, workspace: str | None = None) -> list[FunctionRevision]:
         return self._router.list(workspace)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -107,6 +107,7 @@ class Services:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.registry.close()
         await self.pool.close()
         await self.log_sink.close()
         await self.factory.close()

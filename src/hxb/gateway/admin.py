@@ -182,7 +182,7 @@ class AdminApi:
             since_ms=_int_param(q.get("since_ms"), "since_ms"),
             after_id=_int_param(q.get("after_id"), "after_id"),
             invocation_id=q.get("invocation_id") or None,
-            limit=min(_int_param(q.get("limit"), "limit") or 1000, _MAX_LOG_PAGE),
+            limit=_limit_param(q.get("limit")),
         )
         return JSONResponse(
             {
@@ -209,6 +209,15 @@ def _int_param(raw: str | None, name: str) -> int | None:
         return int(raw)
     except ValueError:
         raise ClientError(f"query parameter {name}={raw!r} is not an integer") from None
+
+
+def _limit_param(raw: str | None) -> int:
+    limit = _int_param(raw, "limit")
+    if limit is None:
+        return 1000
+    if not 1 <= limit <= _MAX_LOG_PAGE:
+        raise ClientError(f"query parameter limit={limit} must be between 1 and {_MAX_LOG_PAGE}")
+    return limit
 
 
 def _too_large(size_bytes: int, limit_bytes: int) -> str:

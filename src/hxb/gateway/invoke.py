@@ -38,16 +38,16 @@ def parse_function_name(raw: str) -> tuple[str | None, str, str | None]:
     if parts[0] == "arn":
         if len(parts) not in (7, 8) or parts[2] != "lambda" or parts[5] != "function":
             raise ClientError(f"{raw!r} is not a function name or ARN")
-        return parts[4] or None, parts[6], parts[7] if len(parts) == 8 else None
-    if len(parts) >= 3 and parts[1] == "function":
-        if len(parts) > 4:
-            raise ClientError(f"{raw!r} is not a function name or ARN")
-        return parts[0], parts[2], parts[3] if len(parts) == 4 else None
-    if len(parts) == 1:
-        return None, raw, None
-    if len(parts) == 2:
-        return None, parts[0], parts[1]
-    raise ClientError(f"{raw!r} is not a function name or ARN")
+        workspace, name, qualifier = parts[4] or None, parts[6], parts[7] if len(parts) == 8 else None
+    elif len(parts) in (3, 4) and parts[1] == "function":
+        workspace, name, qualifier = parts[0], parts[2], parts[3] if len(parts) == 4 else None
+    elif len(parts) <= 2:
+        workspace, name, qualifier = None, parts[0], parts[1] if len(parts) == 2 else None
+    else:
+        raise ClientError(f"{raw!r} is not a function name or ARN")
+    if not name or qualifier == "" or workspace == "":
+        raise ClientError(f"{raw!r} is not a function name or ARN: a part of it is empty")
+    return workspace, name, qualifier
 
 
 def _client_context(raw: bytes | None) -> dict[str, Any] | None:

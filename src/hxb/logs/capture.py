@@ -83,8 +83,9 @@ class InvocationLog:
         )
         self._tail.append(message)
         self._tail_bytes += len(message) + 1
-        # Keep a little more than 4 KB: the exact cut is made in bytes at the end.
-        while self._tail_bytes > 2 * TAIL_BYTES and len(self._tail) > 1:
+        # Drop old lines only while what stays still holds 4 KB (characters never outnumber
+        # bytes): the exact cut is made in bytes at the end.
+        while len(self._tail) > 1 and self._tail_bytes - (len(self._tail[0]) + 1) >= TAIL_BYTES:
             self._tail_bytes -= len(self._tail.popleft()) + 1
 
     def tail_lines(self) -> list[str]:

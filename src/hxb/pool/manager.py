@@ -57,6 +57,10 @@ class FunctionPool:
         self.starting = 0
         self.waiters: deque[asyncio.Future[Worker]] = deque()
         self.retired = False
+        # Every instance of this revision whose process has not exited yet, stopping ones too:
+        # the revision's code must stay on disk until this is empty.
+        self.members: set[Worker] = set()
+        self.drained = asyncio.Event()
 
     @property
     def size(self) -> int:
@@ -147,7 +151,6 @@ class PoolManager:
             invocation_id=invocation_id,
         )
         inv_log.add(start_line(invocation_id, revision.version))
-        worker.current_log = inv_log
         meta = json.dumps(
             {
                 "id": invocation_id,
@@ -163,19 +166,21 @@ class PoolManager:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(cfg.timeout):
-                frame = await worker.invoke(meta, request.payload)
+                frame = await worker.invoke(meta, request.payload, inv_log)
             payload = frame.body
             function_error = frame.type == FrameType.ERROR
+            duration_ms, peak = (time.perf_counter() - started) * 1000, worker.sandbox.memory_peak_bytes()
         except TimeoutError:
             # A sandbox that overran its deadline may hold half-written state: never reuse it.
             self._timeouts += 1
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-            inv_log.add(f"{stamp}Z {invocation_id} Task timed out after {cfg.timeout:.2f} seconds")
+            duration_ms, peak = (time.perf_counter() - started) * 1000, worker.sandbox.memory_peak_bytes()
+            inv_log.add(f"{_utc_stamp()} {invocation_id} Task timed out after {cfg.timeout:.2f} seconds")
             await worker.kill()
             exc: InvocationError = SandboxTimeoutError(invocation_id, cfg.timeout)
             payload, function_error, status, error_type = _error_payload(exc), True, "timeout", exc.wire_type
         except InvocationError as exc_:
             exc = exc_
+            duration_ms, peak = (time.perf_counter() - started) * 1000, worker.sandbox.memory_peak_bytes()
             prefixed = exc.message.startswith("RequestId:")
             inv_log.add(exc.message if prefixed else f"RequestId: {invocation_id} Error: {exc.message}")
             await worker.kill()
@@ -187,9 +192,7 @@ class PoolManager:
             await asyncio.shield(worker.kill())
             self._release(pool, worker)
             raise
-        duration_ms = (time.perf_counter() - started) * 1000
         worker.current_log = None
-        peak = worker.sandbox.memory_peak_bytes()
         inv_log.add(end_line(invocation_id))
         inv_log.add(
             report_line(
@@ -300,7 +303,7 @@ class PoolManager:
 
     async def _start_instance(self, pool: FunctionPool) -> None:
         try:
-            worker = await self._spawn(pool.revision)
+            worker = await self._spawn(pool)
         except InvocationError as exc:
             pool.starting -= 1
             self._fail_one_waiter(pool, exc)
@@ -352,10 +355,22 @@ class PoolManager:
         self._drop_if_empty(pool)
 
     def _drop_if_empty(self, pool: FunctionPool) -> None:
-        if pool.retired and pool.size == 0 and not pool.waiters:
+        if pool.retired and pool.size == 0 and not pool.waiters and not pool.members:
             self._pools.pop(pool.revision.key, None)
+            pool.drained.set()
 
-    async def _spawn(self, revision: FunctionRevision) -> Worker:
+    async def wait_drained(self, revision_key: str) -> None:
+        """Returns once no process of that retired revision is left."""
+        pool = self._pools.get(revision_key)
+        if pool is not None:
+            await pool.drained.wait()
+
+    def code_in_use(self, code_sha256: str) -> bool:
+        """Whether any instance, starting, running or stopping, runs this code."""
+        return any(p.revision.code_sha256 == code_sha256 and (p.size or p.members) for p in self._pools.values())
+
+    async def _spawn(self, pool: FunctionPool) -> Worker:
+        revision = pool.revision
         spawn_started = time.perf_counter()
         await self._catalog.ensure_compiled(revision.runtime)
         instance_id = uuid.uuid4().hex
@@ -388,6 +403,7 @@ class PoolManager:
             on_dead=self._on_worker_dead,
             spawn_started=spawn_started,
         )
+        pool.members.add(worker)
         try:
             await worker.attach()
             await worker.wait_ready(self._settings.init_timeout_s)
@@ -400,11 +416,14 @@ class PoolManager:
         """An instance exited on its own. An idle one is simply dropped; a busy one is dealt
         with by the invocation that is waiting on it."""
         pool = self._pools.get(worker.revision.key)
-        if pool is not None and worker in pool.idle:
+        if pool is None:
+            return
+        pool.members.discard(worker)
+        if worker in pool.idle:
             pool.idle.remove(worker)
             worker.instance_log("[hxb] instance exited while idle")
             worker.close()
-            self._drop_if_empty(pool)
+        self._drop_if_empty(pool)
 
     # --- retiring and reaping ---------------------------------------------------------------------
 
@@ -464,6 +483,11 @@ class PoolManager:
             warm_starts=0,
             timeouts=0,
         )
+
+
+def _utc_stamp() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
 
 
 def _error_payload(exc: InvocationError) -> bytes:

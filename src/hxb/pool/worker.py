@@ -94,6 +94,7 @@ class Worker:
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[Frame] | None = None
         self._channel_closed = False
+        self._exit_task: asyncio.Task[InvocationError] | None = None
         self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._loop = asyncio.get_running_loop()
 
@@ -145,12 +146,16 @@ class Worker:
 
     # --- invoking -------------------------------------------------------------------------------
 
-    async def invoke(self, meta: bytes, payload: bytes) -> Frame:
+    async def invoke(self, meta: bytes, payload: bytes, log: InvocationLog) -> Frame:
         """Sends one INVOKE and waits for its RESULT or ERROR frame (no deadline here: the
-        pool wraps this in the function's timeout)."""
+        pool wraps this in the function's timeout). Output from now on belongs to `log`."""
+        # What the instance wrote while idle is the instance's, not this invocation's.
+        self._drain_log_pipe()
+        for line in self._splitter.flush():
+            self._route_line(line)
+        self.current_log = log
         if self._transport is None or self._channel_closed:
             raise await self._exit_error("")
-        self._drain_log_pipe()
         self._transport.write(encode_frame(FrameType.INVOKE, meta, payload))
         frame = await self._next_frame("invoke")
         if frame.type not in (FrameType.RESULT, FrameType.ERROR):
@@ -210,6 +215,7 @@ class Worker:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             task = self._loop.create_task(self._exit_error("invoke"))
+            self._exit_task = task  # referenced until it ran: nothing fire-and-forget
 
             def deliver(done: asyncio.Task[InvocationError]) -> None:
                 if not waiter.done():

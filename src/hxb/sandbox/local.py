@@ -30,6 +30,7 @@ class LocalSandbox:
         self._exit_fd = os.pidfd_open(pid)
         self._status: int | None = None
         self._status_fd: int | None = None
+        self._exit_peak_bytes: int | None = None
         self._closed = False
 
     @property
@@ -55,11 +56,13 @@ class LocalSandbox:
     def poll_exit(self) -> int | None:
         if self._status is None:
             try:
-                pid, status = os.waitpid(self._pid, os.WNOHANG)
+                pid, status, usage = os.wait4(self._pid, os.WNOHANG)
             except ChildProcessError:
                 return self._status
             if pid == self._pid:
                 self._status = status
+                # /proc/PID is gone once reaped: the kernel's own account of its peak (KiB).
+                self._exit_peak_bytes = usage.ru_maxrss * 1024
         return self._status
 
     def terminate(self) -> None:
@@ -79,6 +82,8 @@ class LocalSandbox:
     def memory_peak_bytes(self) -> int | None:
         # Read on every invocation (REPORT's Max Memory Used): pread on a kept fd costs a third
         # of an open/read/close of /proc/PID/status.
+        if self._status is not None:
+            return self._exit_peak_bytes
         try:
             if self._status_fd is None:
                 self._status_fd = os.open(f"/proc/{self._pid}/status", os.O_RDONLY | os.O_CLOEXEC)

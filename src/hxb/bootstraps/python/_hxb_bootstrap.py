@@ -186,6 +186,7 @@ def _frames(tb):
         if os.path.abspath(f.filename) != ours
         and os.sep + "asyncio" + os.sep not in f.filename
         and not f.filename.startswith("<frozen importlib")
+        and os.sep + "importlib" + os.sep not in f.filename
     ]
     return traceback.format_list(kept)
 
