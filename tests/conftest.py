@@ -59,6 +59,7 @@ class HxbServer:
 
     data_dir: Path
     env: dict[str, str]
+    cwd: Path | None = None
     process: subprocess.Popen[str] | None = None
     endpoint: str = ""
     output: list[str] = field(default_factory=list)
@@ -72,6 +73,7 @@ class HxbServer:
             stderr=subprocess.STDOUT,
             text=True,
             env=self.env,
+            cwd=self.cwd,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
@@ -184,8 +186,8 @@ def hxb_server_factory(tmp_path: Path) -> Iterator[Any]:
     """Starts `hxb serve` processes (fresh data dir unless given); kills them after the test."""
     started: list[HxbServer] = []
 
-    def start(*args: str, data_dir: Path | None = None, **env: str) -> HxbServer:
-        server = HxbServer(data_dir=data_dir or tmp_path / f"data{len(started)}", env=server_env(**env))
+    def start(*args: str, data_dir: Path | None = None, cwd: Path | None = None, **env: str) -> HxbServer:
+        server = HxbServer(data_dir=data_dir or tmp_path / f"data{len(started)}", env=server_env(**env), cwd=cwd)
         started.append(server)
         return server.start(*args)
 

@@ -5,6 +5,7 @@ registry), with their start and stop order in one place."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -53,6 +54,8 @@ class Services:
 
     @classmethod
     async def open(cls, settings: Settings) -> Services:
+        # Absolute from here on: instances get paths under it and run in another directory.
+        settings = dataclasses.replace(settings, data_dir=settings.data_dir.resolve())
         data_dir = settings.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         # Left over by a platform that was killed: nothing in them is still in use.

@@ -142,3 +142,16 @@ def test_killed_platform_leaves_no_instance_behind(hxb_server_factory: Any, tmp_
     # And the next start cleans what the killed one left in the data dir.
     again: HxbServer = hxb_server_factory(data_dir=data_dir)
     assert again.invoke("orphan").status_code == 200
+
+
+def test_a_relative_data_dir_works_like_the_quickstarts(hxb_server_factory: Any, tmp_path: Path) -> None:
+    # `make serve` passes `--data-dir .hxb`: instances run in their own directory, so every
+    # path the platform hands them must be absolute.
+    server: HxbServer = hxb_server_factory("--demo", data_dir=Path(".hxb"), cwd=tmp_path)
+    with server.client() as c:
+        response = c.get("/fn/hello", params={"name": "you"})
+    assert response.status_code == 200, response.text
+    assert "you" in response.json()["message"]
+    server.deploy("relative", {"index.py": "def handler(e, c):\n    return 'ok'\n"})
+    assert server.invoke("relative").json() == "ok"
+    assert (tmp_path / ".hxb" / "hxb.db").exists()

@@ -352,8 +352,8 @@ def run_instance(channel):
     """Everything after the interpreter exists: set up paths and logging, import the
     handler, report READY (or INIT_ERROR), serve. A zygote calls this in each forked child."""
     env = os.environ
-    task_root = env.get("LAMBDA_TASK_ROOT", "/var/task")
-    opt_root = env.pop("_HXB_OPT_ROOT", "/opt")
+    task_root = os.path.abspath(env.get("LAMBDA_TASK_ROOT", "/var/task"))
+    opt_root = os.path.abspath(env.pop("_HXB_OPT_ROOT", "/opt"))
     sys.path[:0] = _python_paths(task_root, opt_root)
     with contextlib.suppress(OSError):
         os.chdir(task_root)
