@@ -60,6 +60,7 @@ class HxbServer:
     data_dir: Path
     env: dict[str, str]
     cwd: Path | None = None
+    pass_fds: tuple[int, ...] = ()
     process: subprocess.Popen[str] | None = None
     endpoint: str = ""
     output: list[str] = field(default_factory=list)
@@ -74,6 +75,7 @@ class HxbServer:
             text=True,
             env=self.env,
             cwd=self.cwd,
+            pass_fds=self.pass_fds,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
@@ -186,8 +188,12 @@ def hxb_server_factory(tmp_path: Path) -> Iterator[Any]:
     """Starts `hxb serve` processes (fresh data dir unless given); kills them after the test."""
     started: list[HxbServer] = []
 
-    def start(*args: str, data_dir: Path | None = None, cwd: Path | None = None, **env: str) -> HxbServer:
-        server = HxbServer(data_dir=data_dir or tmp_path / f"data{len(started)}", env=server_env(**env), cwd=cwd)
+    def start(
+        *args: str, data_dir: Path | None = None, cwd: Path | None = None, pass_fds: tuple[int, ...] = (), **env: str
+    ) -> HxbServer:
+        server = HxbServer(
+            data_dir=data_dir or tmp_path / f"data{len(started)}", env=server_env(**env), cwd=cwd, pass_fds=pass_fds
+        )
         started.append(server)
         return server.start(*args)
 

@@ -112,7 +112,8 @@ class FunctionRegistry:
         new revision and whether the function was created. When this returns, the function
         can be invoked."""
         member, text = await asyncio.to_thread(read_config_text, zip_path, limits=self._limits)
-        config = parse_function_file(text, source=member)
+        # Off the loop: validation is bounded, but a large document still takes a while.
+        config = await asyncio.to_thread(parse_function_file, text, source=member)
         if expected_name is not None and config.name != expected_name:
             raise SpecError(
                 f"{member}: function.name is {config.name!r} but the request is for {expected_name!r}",

@@ -69,7 +69,7 @@ class Services:
             flush_interval_s=settings.logs.flush_interval_s,
             max_pending_bytes=settings.logs.max_pending_bytes,
         )
-        pool = PoolManager(settings.pool, settings.logs, factory, catalog, sink.emit)
+        pool = PoolManager(settings.pool, settings.logs, factory, catalog, sink.emit, log_flow=sink)
         router = Router()
         registry = FunctionRegistry(
             data_dir=data_dir,

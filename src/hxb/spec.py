@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
@@ -591,7 +592,16 @@ def _is_python_handler(handler: str) -> bool:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """A safe loader that refuses a key given twice in one mapping (plain YAML keeps the
-    last one silently, so a second `memory:` would quietly win)."""
+    last one silently, so a second `memory:` would quietly win) and refuses aliases: a
+    few hundred bytes of nested `*alias` references expand to gigabytes ("billion laughs")."""
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in hexabase.yaml", event.start_mark
+            )
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -703,14 +713,23 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"invalid YAML: {exc}"
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = _SHOWN_VALUE_MAX_CHARS
+_REPR.maxother = _SHOWN_VALUE_MAX_CHARS
+
+
 def _shown(value: object) -> str:
     # YAML and JSON spellings for the scalars users typed, Python's repr for the rest.
     if value is None:
         text = "null"
     elif isinstance(value, bool):
         text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = repr(value[: _SHOWN_VALUE_MAX_CHARS + 1])
     else:
-        text = repr(value)
+        # reprlib bounds the work: a hostile value (a huge nested list) is never rendered whole.
+        text = _REPR.repr(value)
     if len(text) > _SHOWN_VALUE_MAX_CHARS:
         text = text[: _SHOWN_VALUE_MAX_CHARS - 3] + "..."
     return text

@@ -736,3 +736,53 @@ async def test_timeout_is_logged_in_the_invocation(harness: Harness) -> None:
     assert lines[1].endswith("Z inv-slow Task timed out after 0.02 seconds")
     assert lines[2] == "END RequestId: inv-slow"
     assert lines[3].endswith("\tStatus: timeout")
+
+
+# --- regressions from review ---------------------------------------------------------------------
+
+
+async def test_close_lets_a_retire_in_its_grace_period_end_with_sigkill(harness: Harness) -> None:
+    harness.factory.ignore_sigterm = True
+    pool = harness.pool(shutdown_grace_s=0.05)
+    fn = harness.revision()
+    await pool.invoke(fn, request())
+    sandbox = harness.factory.sandboxes[0]
+    pool.retire(fn.key)  # SIGTERM now, SIGKILL after the grace period
+    await wait_until(lambda: sandbox.signals == [signal.SIGTERM])
+
+    await pool.close()
+
+    # The stop under way was not cancelled midway: nobody else would kill the instance.
+    assert sandbox.signals == [signal.SIGTERM, signal.SIGKILL]
+    assert sandbox.closed
+
+
+async def test_an_instance_that_dies_right_after_ready_fails_its_invocation_cleanly(harness: Harness) -> None:
+    async def ready_then_die(runtime: FakeRuntime) -> None:
+        runtime.send_ready()
+        runtime.exit(exit_status(4))  # both reach the platform in the same loop turn
+
+    harness.factory.behaviour = ready_then_die
+    pool = harness.pool()
+
+    result = await pool.invoke(harness.revision(), request())
+
+    assert error_document(result)["errorType"] == "Runtime.ExitError"
+    await wait_until(lambda: harness.factory.sandboxes[0].closed)
+    assert pool.statistics().instances == 0
+
+
+async def test_an_answer_for_another_invocation_kills_the_instance(harness: Harness) -> None:
+    async def answers_for_someone_else(runtime: FakeRuntime) -> None:
+        runtime.send_ready()
+        while True:
+            await runtime.next_invoke()
+            runtime.send_result(str(uuid.uuid4()), b'"stale"')
+
+    harness.factory.behaviour = answers_for_someone_else
+    pool = harness.pool()
+
+    result = await pool.invoke(harness.revision(), request())
+
+    assert error_document(result)["errorType"] == "Runtime.InvalidResponse"
+    assert harness.factory.sandboxes[0].killed

@@ -802,3 +802,21 @@ def test_a_key_given_twice_is_refused_with_its_line() -> None:
         parse_function_file("function:\n  name: twice\n  memory: 256\n  memory: 512\n")
     assert "line 4" in str(info.value)
     assert "duplicate key 'memory'" in str(info.value)
+
+
+def test_yaml_aliases_are_refused_before_they_can_expand() -> None:
+    # Nested aliases ("billion laughs") would expand a few hundred bytes into gigabytes.
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8)
+    )
+    with pytest.raises(SpecError) as info:
+        parse_function_file(laughs + "function:\n  name: boom\n  memory: *i\n")
+    assert "aliases (*name) are not allowed" in str(info.value)
+    assert "line 2" in str(info.value)
+
+
+def test_a_huge_nested_value_is_shown_shortened() -> None:
+    nested = "[" * 50 + "1" + "]" * 50
+    with pytest.raises(SpecError) as info:
+        parse_function_file(f"function:\n  name: deep\n  memory: {nested}\n")
+    assert len(str(info.value)) < 300

@@ -131,3 +131,9 @@ def test_frame_types_match_the_bootstraps(bootstrap: ModuleType) -> None:
 
 def test_response_limit_matches_the_bootstraps(bootstrap: ModuleType) -> None:
     assert PoolSettings().max_response_bytes == bootstrap.MAX_RESPONSE_BYTES
+
+
+def test_ready_frame_with_a_body_is_refused_before_it_is_buffered() -> None:
+    decoder = FrameDecoder(max_body_bytes=1024)
+    with pytest.raises(RuntimeProtocolError, match="READY"):
+        decoder.feed(HEADER.pack(FrameType.READY, 0, 0xFFFFFFF0))

@@ -230,9 +230,17 @@ def parse_since(value: str, now_s: float) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def _format_event(event: dict[str, Any]) -> str:
+# Control characters other than tab and newline: a function's output must not drive the
+# operator's terminal (escape sequences can retitle, recolour or hide text).
+_CONTROL = frozenset([*range(0x09), *range(0x0B, 0x20), 0x7F])
+
+
+def _format_event(event: dict[str, Any], *, raw: bool) -> str:
     stamp = datetime.fromtimestamp(event["timestamp_ms"] / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-    return f"{stamp} {event['message']}"
+    message: str = event["message"]
+    if not raw:
+        message = "".join(f"\\x{ord(c):02x}" if ord(c) in _CONTROL else c for c in message)
+    return f"{stamp} {message}"
 
 
 @app.command()
@@ -253,8 +261,9 @@ def logs(
         try:
             while True:
                 page = client.request("GET", f"/v1/functions/{name}/logs", params=params).json()
+                raw = not sys.stdout.isatty()  # piped output stays exact
                 for event in page["events"]:
-                    sys.stdout.write(_format_event(event) + "\n")
+                    sys.stdout.write(_format_event(event, raw=raw) + "\n")
                 sys.stdout.flush()
                 if page["next_after_id"] is not None:
                     params["after_id"] = page["next_after_id"]

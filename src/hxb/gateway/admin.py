@@ -24,6 +24,8 @@ from hxb.runtimes import RuntimeCatalog
 from hxb.store import Store
 
 _MAX_LOG_PAGE = 10_000
+_MAX_PATCH_BYTES = 64 * 1024
+_INT64_MAX = 2**63 - 1
 
 
 def function_view(revision: FunctionRevision, pool: PoolManager) -> dict[str, Any]:
@@ -159,9 +161,14 @@ class AdminApi:
         return JSONResponse(function_view(revision, self._pool))
 
     async def patch_function(self, request: Request) -> Response:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > _MAX_PATCH_BYTES:
+                raise ClientError(f"a configuration patch is at most {_MAX_PATCH_BYTES} bytes")
         try:
-            patch = json.loads(await request.body())
-        except ValueError as exc:
+            patch = json.loads(body)
+        except (ValueError, RecursionError) as exc:
             raise SpecError(f"request: the body is not valid JSON: {exc}", source="request") from None
         if not isinstance(patch, dict):
             raise SpecError("request: the body must be a JSON object of configuration fields", source="request")
@@ -206,9 +213,12 @@ def _int_param(raw: str | None, name: str) -> int | None:
     if raw is None or raw == "":
         return None
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise ClientError(f"query parameter {name}={raw!r} is not an integer") from None
+    if not 0 <= value <= _INT64_MAX:
+        raise ClientError(f"query parameter {name}={raw!r} is out of range")
+    return value
 
 
 def _limit_param(raw: str | None) -> int:

@@ -54,8 +54,10 @@ class HttpTriggerHandler:
 
     async def _handle(self, scope: Scope, receive: Receive, request_id: str) -> HttpResponse:
         name, _, rest = scope["path"][len(PREFIX) :].partition("/")
-        revision = self._router.resolve(self._workspace, name)
+        self._router.resolve(self._workspace, name)  # an unknown function fails before its body is read
         body = await read_body(scope, receive, limit_bytes=self._max_payload_bytes, what="the request body")
+        # Again after the body: a deploy or delete meanwhile must win (no await from here to the pool).
+        revision = self._router.resolve(self._workspace, name)
         raw_path = scope.get("raw_path")
         raw_rest: bytes | None = None
         if isinstance(raw_path, bytes):

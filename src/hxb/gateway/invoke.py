@@ -119,16 +119,19 @@ class InvokeHandler:
 
     async def _invoke(self, scope: Scope, receive: Receive, send: Send, invocation_id: str) -> None:
         workspace, name, qualifier = self._target(scope)
-        revision = self._router.resolve(workspace, name, qualifier)
+        self._router.resolve(workspace, name, qualifier)  # an unknown function fails before its body is read
         invocation_type, want_tail, client_context = self._options(scope)
         payload = await read_body(scope, receive, limit_bytes=self._max_payload_bytes, what="the request payload")
         if payload.strip():
             try:
                 json.loads(payload)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise InvalidRequestContentError(f"Could not parse request body into json: {exc}") from None
         else:
             payload = _EMPTY_EVENT
+        # Again after the (possibly slow) body: a deploy or delete meanwhile must win, and
+        # from here to the pool there is no await.
+        revision = self._router.resolve(workspace, name, qualifier)
 
         base_headers = [
             (b"x-amzn-requestid", invocation_id.encode()),

@@ -8,12 +8,20 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from hxb.logs.records import LogEvent, now_ms
 
 log = logging.getLogger(__name__)
 
 WriteBatch = Callable[[Sequence[LogEvent]], Awaitable[None]]
+
+
+class LogFlow(Protocol):
+    """What a reader of instance output asks the sink: should it pause, and when to resume."""
+
+    def over_quota(self, stream: str) -> bool: ...
+    def when_flushed(self, callback: Callable[[], None]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,25 +33,46 @@ class LogSinkStatistics:
 
 
 class LogSink:
-    """Buffers events in memory and flushes them every `flush_interval_s`. When the store
-    falls behind by more than `max_pending_bytes`, new events are dropped and counted, and a
-    line saying how many were lost is written in their place: memory stays bounded."""
+    """Buffers events in memory and flushes them every `flush_interval_s` (sooner once a lot is
+    waiting), in chunks so that the event loop keeps serving requests meanwhile.
 
-    def __init__(self, write: WriteBatch, *, flush_interval_s: float, max_pending_bytes: int) -> None:
+    Memory stays bounded two ways. Each stream (one instance) may have `stream_quota_bytes`
+    waiting; beyond that `over_quota(stream)` is true and its worker stops reading the
+    instance's output until a flush makes room (the writer blocks, as on a slow terminal),
+    so one chatty function cannot crowd out the others. Past `max_pending_bytes` in all, new
+    events are dropped and counted, and a line saying how many were lost takes their place."""
+
+    def __init__(
+        self,
+        write: WriteBatch,
+        *,
+        flush_interval_s: float,
+        max_pending_bytes: int,
+        stream_quota_bytes: int | None = None,
+        chunk_events: int = 2000,
+    ) -> None:
         self._write = write
         self._flush_interval_s = flush_interval_s
         self._max_pending_bytes = max_pending_bytes
+        self._stream_quota_bytes = stream_quota_bytes or max(max_pending_bytes // 16, 64 * 1024)
+        self._chunk_events = chunk_events
         self._pending: list[LogEvent] = []
         self._pending_bytes = 0
+        self._stream_bytes: dict[str, int] = {}
         self._written = 0
         self._dropped = 0
         self._dropped_since_flush: dict[tuple[str, str, str], int] = {}
+        self._listeners: list[Callable[[], None]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
 
+    @staticmethod
+    def _size(event: LogEvent) -> int:
+        return len(event.message) + 64
+
     def emit(self, event: LogEvent) -> None:
-        size = len(event.message) + 64
+        size = self._size(event)
         if self._pending_bytes + size > self._max_pending_bytes:
             self._dropped += 1
             key = (event.workspace, event.function, event.stream)
@@ -51,6 +80,17 @@ class LogSink:
             return
         self._pending.append(event)
         self._pending_bytes += size
+        self._stream_bytes[event.stream] = self._stream_bytes.get(event.stream, 0) + size
+        if self._pending_bytes > self._max_pending_bytes // 8 or len(self._pending) > self._chunk_events:
+            self._wakeup.set()
+
+    def over_quota(self, stream: str) -> bool:
+        return self._stream_bytes.get(stream, 0) > self._stream_quota_bytes
+
+    def when_flushed(self, callback: Callable[[], None]) -> None:
+        """Calls `callback` once, after the next flush (a paused reader resumes from it)."""
+        self._listeners.append(callback)
+        self._wakeup.set()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="hxb-log-sink")
@@ -65,33 +105,53 @@ class LogSink:
             except Exception:  # a boundary: the sink must outlive a failing store
                 log.exception("writing logs to the store failed; will retry")
 
+    def _add_dropped_markers(self) -> None:
+        stamp = now_ms()
+        for (workspace, function, stream), count in self._dropped_since_flush.items():
+            self.emit_marker(
+                LogEvent(
+                    workspace,
+                    function,
+                    stream,
+                    None,
+                    stamp,
+                    f"[hxb] {count} log lines dropped: the log store fell behind",
+                )
+            )
+        self._dropped_since_flush.clear()
+
+    def emit_marker(self, event: LogEvent) -> None:
+        # Markers are few and small: they bypass the cap so that a loss is always reported.
+        self._pending.append(event)
+        self._pending_bytes += self._size(event)
+        self._stream_bytes[event.stream] = self._stream_bytes.get(event.stream, 0) + self._size(event)
+
     async def flush(self) -> None:
         async with self._flush_lock:
             if self._dropped_since_flush:
-                stamp = now_ms()
-                for (workspace, function, stream), count in self._dropped_since_flush.items():
-                    self._pending.append(
-                        LogEvent(
-                            workspace,
-                            function,
-                            stream,
-                            None,
-                            stamp,
-                            f"[hxb] {count} log lines dropped: the log store fell behind",
-                        )
-                    )
-                self._dropped_since_flush.clear()
-            if not self._pending:
-                return
-            batch, self._pending = self._pending, []
-            try:
-                await self._write(batch)
-            except BaseException:
-                # Put the batch back in front so nothing is lost on a transient failure.
-                self._pending[:0] = batch
-                raise
-            self._pending_bytes = sum(len(e.message) + 64 for e in self._pending)
-            self._written += len(batch)
+                self._add_dropped_markers()
+            while self._pending:
+                chunk = self._pending[: self._chunk_events]
+                await self._write(chunk)
+                # Only now: a failed write leaves the chunk pending, so nothing is lost.
+                del self._pending[: len(chunk)]
+                for event in chunk:
+                    size = self._size(event)
+                    self._pending_bytes -= size
+                    left = self._stream_bytes[event.stream] - size
+                    if left > 0:
+                        self._stream_bytes[event.stream] = left
+                    else:
+                        del self._stream_bytes[event.stream]
+                self._written += len(chunk)
+                self._notify()
+                await asyncio.sleep(0)  # let requests through between chunks
+            self._notify()
+
+    def _notify(self) -> None:
+        listeners, self._listeners = self._listeners, []
+        for callback in listeners:
+            callback()
 
     async def close(self) -> None:
         if self._task is not None:

@@ -20,15 +20,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from hxb.config import LogSettings, PoolSettings
-from hxb.errors import InvocationError, SandboxSpawnError, SandboxTimeoutError, ThrottledError
+from hxb.errors import InvocationError, RuntimeExitError, SandboxSpawnError, SandboxTimeoutError, ThrottledError
 from hxb.logs.capture import InvocationLog
 from hxb.logs.records import LogEvent, end_line, log_stream_name, report_line, start_line, tail_of
+from hxb.logs.sink import LogFlow
 from hxb.models import FunctionRevision, InvocationRequest, InvocationResult
 from hxb.pool.environment import instance_environment
 from hxb.pool.wire import FrameType
 from hxb.pool.worker import Worker, WorkerState
 from hxb.runtimes import RuntimeCatalog
-from hxb.sandbox.base import SandboxFactory, SandboxSpec
+from hxb.sandbox.base import SandboxFactory, SandboxSpec, describe_wait_status
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +76,18 @@ class PoolManager:
         factory: SandboxFactory,
         catalog: RuntimeCatalog,
         emit_log: Callable[[LogEvent], None],
+        *,
+        log_flow: LogFlow | None = None,
     ) -> None:
         self._settings = settings
         self._max_line_bytes = log_settings.max_line_bytes
         self._factory = factory
         self._catalog = catalog
         self._emit_log = emit_log
+        self._log_flow = log_flow
         self._pools: dict[str, FunctionPool] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stop_tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._cold_starts = 0
         self._warm_starts = 0
@@ -96,8 +101,11 @@ class PoolManager:
     async def close(self) -> None:
         """Stops every instance: SIGTERM, the grace period, then SIGKILL."""
         self._closing = True
+        # Stops already under way (retire, evict, reap) finish: cancelling one midway through
+        # its grace period would leave its instance running with nobody to kill it.
         for task in list(self._tasks):
-            task.cancel()
+            if task not in self._stop_tasks:
+                task.cancel()
         workers: list[Worker] = []
         for pool in self._pools.values():
             workers += pool.idle + list(pool.busy)
@@ -116,8 +124,17 @@ class PoolManager:
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
+    def _stop_later(self, worker: Worker, why: str) -> None:
+        task = asyncio.get_running_loop().create_task(
+            worker.stop(self._settings.shutdown_grace_s), name=f"hxb-{why}-{worker.id}"
+        )
+        self._tasks.add(task)
+        self._stop_tasks.add(task)
+        task.add_done_callback(self._task_done)
+
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
+        self._stop_tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("pool task failed", exc_info=task.exception(), extra={"task": task.get_name()})
 
@@ -299,7 +316,7 @@ class PoolManager:
             )
         _, victim_pool, victim = min(candidates, key=lambda c: c[0])
         victim_pool.idle.remove(victim)
-        self._spawn_task(victim.stop(self._settings.shutdown_grace_s), name=f"hxb-evict-{victim.id}")
+        self._stop_later(victim, "evict")
 
     async def _start_instance(self, pool: FunctionPool) -> None:
         try:
@@ -316,6 +333,15 @@ class PoolManager:
         pool.starting -= 1
         if self._closing:
             await worker.stop(self._settings.shutdown_grace_s)
+            return
+        if worker.state is WorkerState.DEAD:
+            # It exited between READY and now (both seen in one loop turn): its waiter still
+            # needs an instance, so this start failed.
+            worker.close()
+            status = worker.sandbox.poll_exit()
+            self._fail_one_waiter(
+                pool, RuntimeExitError("", describe_wait_status(status if status is not None else -1))
+            )
             return
         self._hand_off(pool, worker)
 
@@ -337,7 +363,7 @@ class PoolManager:
                 waiter.set_result(worker)
                 return
         if pool.retired:
-            self._spawn_task(worker.stop(self._settings.shutdown_grace_s), name=f"hxb-retire-{worker.id}")
+            self._stop_later(worker, "retire")
             return
         if worker.state is not WorkerState.IDLE:
             worker.transition(WorkerState.IDLE)
@@ -402,6 +428,7 @@ class PoolManager:
             max_line_bytes=self._max_line_bytes,
             on_dead=self._on_worker_dead,
             spawn_started=spawn_started,
+            log_flow=self._log_flow,
         )
         pool.members.add(worker)
         try:
@@ -435,7 +462,7 @@ class PoolManager:
             return
         pool.retired = True
         for worker in pool.idle:
-            self._spawn_task(worker.stop(self._settings.shutdown_grace_s), name=f"hxb-retire-{worker.id}")
+            self._stop_later(worker, "retire")
         pool.idle.clear()
         self._drop_if_empty(pool)
 
@@ -453,7 +480,7 @@ class PoolManager:
             for worker in stale:
                 pool.idle.remove(worker)
                 worker.instance_log("[hxb] stopping idle instance")
-                self._spawn_task(worker.stop(self._settings.shutdown_grace_s), name=f"hxb-reap-{worker.id}")
+                self._stop_later(worker, "reap")
                 reaped += 1
             self._drop_if_empty(pool)
         return reaped

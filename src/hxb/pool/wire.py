@@ -78,6 +78,11 @@ class FrameDecoder:
             raise RuntimeProtocolError(f"the runtime sent a {frame_type.name} frame, which only the platform sends")
         if meta_len > MAX_META_BYTES:
             raise RuntimeProtocolError(f"the runtime sent {meta_len} bytes of frame metadata (limit {MAX_META_BYTES})")
+        # Every frame type has a cap, checked before a byte of it is buffered.
+        if frame_type == FrameType.READY and (meta_len or body_len):
+            raise RuntimeProtocolError(
+                f"the runtime sent a READY frame with {meta_len + body_len} bytes (expected none)"
+            )
         if frame_type == FrameType.RESULT and body_len > self._max_body_bytes:
             raise ResponseTooLargeError(body_len, self._max_body_bytes)
         if frame_type in (FrameType.ERROR, FrameType.INIT_ERROR) and body_len > MAX_ERROR_BYTES:

@@ -23,6 +23,7 @@ from hxb.errors import (
 )
 from hxb.logs.capture import InvocationLog, LineSplitter
 from hxb.logs.records import LogEvent, now_ms
+from hxb.logs.sink import LogFlow
 from hxb.models import FunctionRevision
 from hxb.pool.wire import Frame, FrameDecoder, FrameType, encode_frame
 from hxb.sandbox.base import Sandbox, describe_wait_status
@@ -47,6 +48,8 @@ _ALLOWED: Final[dict[WorkerState, frozenset[WorkerState]]] = {
 
 # How long a runtime that closed its channel gets to actually exit before it is killed.
 _EXIT_AFTER_EOF_S: Final = 2.0
+_LOG_READ_BYTES: Final = 256 * 1024
+_LOG_DRAIN_BYTES: Final = 1024 * 1024
 
 
 class _Channel(asyncio.Protocol):
@@ -74,9 +77,13 @@ class Worker:
         max_line_bytes: int,
         on_dead: Callable[[Worker], None],
         spawn_started: float,
+        log_flow: LogFlow | None = None,
     ) -> None:
         self.sandbox = sandbox
         self._spawn_started = spawn_started
+        self._log_flow = log_flow
+        self._log_paused = False
+        self._closed = False
         self.revision = revision
         self.stream = stream
         self.state = WorkerState.STARTING
@@ -141,7 +148,7 @@ class Worker:
                 str(doc.get("errorMessage") or ""),
                 tuple(str(s) for s in doc.get("stackTrace") or ()),
             )
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError, RecursionError):
             return FunctionInitError("Runtime.InvalidInitError", "the runtime reported an unreadable init error")
 
     # --- invoking -------------------------------------------------------------------------------
@@ -160,6 +167,9 @@ class Worker:
         frame = await self._next_frame("invoke")
         if frame.type not in (FrameType.RESULT, FrameType.ERROR):
             raise RuntimeProtocolError(f"the runtime answered an invocation with {frame.type.name}")
+        if frame.meta != log.invocation_id.encode():
+            # E.g. a thread left over from an earlier invocation answering now.
+            raise RuntimeProtocolError("the runtime answered for another invocation than the one in progress")
         # Everything the handler printed was written to the pipe before the runtime sent its
         # answer, but the loop may not have read it yet: read it now, before END is logged.
         self._drain_log_pipe()
@@ -243,11 +253,33 @@ class Worker:
         return await asyncio.shield(self._exited)
 
     def _on_log_readable(self) -> None:
-        self._drain_log_pipe()
+        # One bounded read per wake-up: a flooding instance gets its turn, not the whole loop.
+        self._read_log_pipe(_LOG_READ_BYTES)
+        if self._log_flow is not None and not self._log_paused and self._log_flow.over_quota(self.stream):
+            # The store is behind on this instance's output: stop reading, so the instance
+            # blocks on its full pipe, until a flush makes room.
+            self._log_paused = True
+            self._loop.remove_reader(self.sandbox.log_fd)
+            self._log_flow.when_flushed(self._resume_log)
+
+    def _resume_log(self) -> None:
+        if not self._log_paused or self._closed:
+            return
+        if self._log_flow is not None and self._log_flow.over_quota(self.stream):
+            self._log_flow.when_flushed(self._resume_log)
+            return
+        self._log_paused = False
+        self._loop.add_reader(self.sandbox.log_fd, self._on_log_readable)
 
     def _drain_log_pipe(self) -> None:
+        """Reads what is already in the pipe, up to a bound (a child process that never stops
+        writing must not keep the loop here)."""
+        self._read_log_pipe(_LOG_DRAIN_BYTES)
+
+    def _read_log_pipe(self, limit_bytes: int) -> None:
         fd = self.sandbox.log_fd
-        while True:
+        taken = 0
+        while taken < limit_bytes:
             try:
                 data = os.read(fd, 65536)
             except BlockingIOError:
@@ -258,6 +290,7 @@ class Worker:
                 # EOF: every writer (the instance and its children) is gone.
                 self._loop.remove_reader(fd)
                 return
+            taken += len(data)
             for line in self._splitter.feed(data):
                 self._route_line(line)
             if len(data) < 65536:
@@ -299,6 +332,11 @@ class Worker:
         self.close()
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._exit_task is not None:
+            self._exit_task.cancel()
         loop = self._loop
         for fd in (self.sandbox.log_fd, self.sandbox.exit_fd):
             with contextlib.suppress(ValueError, OSError):

@@ -104,7 +104,10 @@ _SIGNAL_WORDS: dict[int, str] = {
 
 
 def describe_wait_status(status: int) -> str:
-    """Words for a wait status, as Lambda reports them ("exit status 1", "signal: killed")."""
+    """Words for a wait status, as Lambda reports them ("exit status 1", "signal: killed").
+    -1 stands for a status that could not be collected."""
+    if status < 0:
+        return "exit status unknown"
     if os.WIFEXITED(status):
         return f"exit status {os.WEXITSTATUS(status)}"
     if os.WIFSIGNALED(status):

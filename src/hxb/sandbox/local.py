@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource  # noqa: F401 -- os.wait4 imports it lazily, which can fail later (EMFILE)
 import shutil
 import signal
 import socket
@@ -54,15 +55,27 @@ class LocalSandbox:
         return self._exit_fd
 
     def poll_exit(self) -> int | None:
-        if self._status is None:
-            try:
-                pid, status, usage = os.wait4(self._pid, os.WNOHANG)
-            except ChildProcessError:
-                return self._status
-            if pid == self._pid:
-                self._status = status
-                # /proc/PID is gone once reaped: the kernel's own account of its peak (KiB).
-                self._exit_peak_bytes = usage.ru_maxrss * 1024
+        if self._status is not None:
+            return self._status
+        try:
+            exited = os.waitid(os.P_PID, self._pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            self._status = -1  # reaped by someone else: the status is lost, but it is gone
+            return self._status
+        if exited is None:
+            return None
+        # The instance is a zombie: its pid, and so its process group id, cannot be reused
+        # yet. Kill what it left running in its group now; once reaped, never signal again.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._pid, signal.SIGKILL)
+        try:
+            _, status, usage = os.wait4(self._pid, os.WNOHANG)
+        except ChildProcessError:
+            self._status = -1
+            return self._status
+        self._status = status
+        # /proc/PID is gone once reaped: the kernel's own account of its peak (KiB).
+        self._exit_peak_bytes = usage.ru_maxrss * 1024
         return self._status
 
     def terminate(self) -> None:
@@ -73,8 +86,9 @@ class LocalSandbox:
 
     def _signal_group(self, sig: signal.Signals) -> None:
         # The instance leads its own process group: signalling the group reaches the
-        # processes it spawned too (those that did not start a session of their own).
-        if self._status is not None and sig == signal.SIGTERM:
+        # processes it spawned too (those that did not start a session of their own). Once
+        # reaped, its pid may belong to someone else: no more signals (see poll_exit).
+        if self._status is not None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._pid, sig)
@@ -174,7 +188,16 @@ class LocalSandboxFactory:
             os.close(devnull)
         parent_sock.setblocking(False)
         os.set_blocking(log_r, False)
-        return LocalSandbox(spec.instance_id, pid, parent_sock, log_r, workdir)
+        try:
+            return LocalSandbox(spec.instance_id, pid, parent_sock, log_r, workdir)
+        except OSError:
+            # No fd left for the pidfd (EMFILE): do not leave an instance nobody watches.
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)  # noqa: ASYNC222 -- SIGKILLed: returns at once
+            parent_sock.close()
+            os.close(log_r)
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
 
     async def close(self) -> None:
         return None

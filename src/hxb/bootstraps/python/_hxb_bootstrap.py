@@ -26,6 +26,8 @@ T_ERROR = 13
 
 # Lambda's limit for a synchronous response; the platform enforces it too (the guest is not trusted).
 MAX_RESPONSE_BYTES = 6 * 1024 * 1024
+MAX_ERROR_MESSAGE_CHARS = 256 * 1024
+MAX_STACK_FRAMES = 50
 _CO_COROUTINE = 0x0080
 _LEVELS = {"DEBUG": 10, "INFO": 20, "WARN": 30, "WARNING": 30, "ERROR": 40}
 
@@ -312,6 +314,10 @@ class Runtime(object):
         self.send(T_RESULT, rid, payload)
 
     def send_error(self, rid, error_type, message, request_id, stack):
+        # The platform refuses error documents over 1 MB: keep well under it.
+        if len(message) > MAX_ERROR_MESSAGE_CHARS:
+            message = message[:MAX_ERROR_MESSAGE_CHARS] + "... (truncated)"
+        stack = [line[:4096] for line in stack[-MAX_STACK_FRAMES:]]
         doc = {"errorMessage": message, "errorType": error_type, "requestId": request_id, "stackTrace": stack}
         self.send(T_ERROR, rid, json.dumps(doc, default=str).encode("utf-8"))
 
@@ -329,10 +335,10 @@ class Runtime(object):
 
 def _send_init_error(channel, failure):
     doc = {
-        "errorMessage": failure.message,
+        "errorMessage": failure.message[:MAX_ERROR_MESSAGE_CHARS],
         "errorType": failure.error_type,
         "requestId": "",
-        "stackTrace": failure.stack,
+        "stackTrace": [line[:4096] for line in failure.stack[-MAX_STACK_FRAMES:]],
     }
     body = json.dumps(doc, default=str).encode("utf-8")
     channel.sendall(HEADER.pack(T_INIT_ERROR, 0, len(body)) + body)
@@ -373,5 +379,7 @@ def main():
     import socket
 
     fd = int(os.environ.pop("_HXB_CONTROL_FD"))
+    # Nothing but stdio and the channel is meant for this process.
+    os.closerange(fd + 1, 65536)
     channel = socket.socket(fileno=fd)
     sys.exit(run_instance(channel))
