@@ -205,5 +205,12 @@ class StoreError(PlatformError):
     error_type = "Platform.Store"
 
 
+class SandboxUnavailableError(PlatformError):
+    """An isolation feature this host lacks (no root, no cgroup controller, no loop device...);
+    the message names what is missing and, when it is obvious, how to get it."""
+
+    error_type = "Platform.SandboxUnavailable"
+
+
 class InternalError(Exception):
     """A broken invariant inside hxb: a bug. Deliberately *not* a PlatformError."""
