@@ -3,7 +3,10 @@
 # Idempotent; uses sudo when not root. Usage: scripts/install-system-deps.sh [--test]
 set -euo pipefail
 
-packages=(python3 python3-venv python3-dev gcc make zip unzip procps)
+# The linux sandbox: namespaces and NAT (iproute2, nftables, util-linux), the disk-backed
+# /tmp volumes (e2fsprogs, mount), the seccomp filter (libseccomp2).
+packages=(python3 python3-venv python3-dev gcc make zip unzip procps
+          iproute2 nftables util-linux mount e2fsprogs libseccomp2)
 if [[ "${1:-}" == "--test" ]]; then
     packages+=(wrk)
 fi

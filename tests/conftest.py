@@ -120,6 +120,16 @@ class HxbServer:
         self._close_output()
         return self.process.returncode
 
+    def shutdown(self) -> None:
+        """The end of a test: a clean stop (the sandbox's mounts, network namespaces and
+        cgroups go with it), SIGKILL only if that fails."""
+        if self.process is None or self.process.poll() is not None:
+            self._close_output()
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.stop(signal.SIGTERM, timeout_s=30)
+        self.kill()
+
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -177,6 +187,45 @@ class HxbServer:
             time.sleep(0.1)
 
 
+# A handler's own instance, from inside: this works in every sandbox, where a pid would not
+# (in the linux sandbox every runtime is pid 2 of a PID namespace of its own).
+INSTANCE_ID = 'os.environ["AWS_LAMBDA_LOG_STREAM_NAME"].rsplit("]", 1)[1]'
+
+
+def instance_pids(instance_id: str) -> list[int]:
+    """Host pids of every live process of an instance (its runtime, init and children): those
+    in its cgroup (linux sandbox) or with its id in their environment (local sandbox)."""
+    found = []
+    needle = instance_id.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                if fh.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):
+                    continue
+            with open(f"/proc/{entry}/cgroup", "rb") as fh:
+                mine = needle in fh.read()
+            if not mine:
+                with open(f"/proc/{entry}/environ", "rb") as fh:
+                    mine = needle in fh.read()
+        except (OSError, IndexError):
+            continue
+        if mine:
+            found.append(int(entry))
+    return found
+
+
+def wait_instance_gone(instance_id: str, timeout_s: float = 10.0) -> list[int]:
+    """Polls until no process of the instance is left; returns the survivors (empty is good)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = instance_pids(instance_id)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
 def server_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HXB_")}
     env.update(overrides)
@@ -199,7 +248,7 @@ def hxb_server_factory(tmp_path: Path) -> Iterator[Any]:
 
     yield start
     for server in started:
-        server.kill()
+        server.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -208,4 +257,4 @@ def hxb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HxbServer]:
     server = HxbServer(data_dir=tmp_path_factory.mktemp("hxb-data"), env=server_env())
     server.start()
     yield server
-    server.kill()
+    server.shutdown()

@@ -60,8 +60,17 @@ class LogSettings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SandboxSettings:
-    # "local": a plain process per instance, no isolation.
-    mode: str = "local"
+    # "linux": namespaces, cgroups, seccomp (needs root); "local": a plain process per
+    # instance, no isolation; "auto": linux when this host offers everything, else local.
+    mode: str = "auto"
+    uid: int = 990
+    gid: int = 990
+    pids_max: int = 1024
+    # "nat": outbound through NAT from a namespace of its own; "none": loopback only.
+    network: str = "nat"
+    subnet: str = "10.213.0.0/16"
+    prewarm_networks: int = 4
+    prewarm_scratch: int = 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -204,7 +213,15 @@ def _validate(settings: Settings) -> None:
         (settings.pool.init_timeout_s > 0, "HXB_POOL_INIT_TIMEOUT_S must be > 0"),
         (settings.pool.max_instances >= 1, "HXB_POOL_MAX_INSTANCES must be >= 1"),
         (settings.logs.flush_interval_s > 0, "HXB_LOGS_FLUSH_INTERVAL_S must be > 0"),
-        (settings.sandbox.mode in {"local"}, f"HXB_SANDBOX_MODE={settings.sandbox.mode!r}: expected 'local'"),
+        (
+            settings.sandbox.mode in {"auto", "linux", "local"},
+            f"HXB_SANDBOX_MODE={settings.sandbox.mode!r}: expected auto, linux or local",
+        ),
+        (
+            settings.sandbox.network in {"nat", "none"},
+            f"HXB_SANDBOX_NETWORK={settings.sandbox.network!r}: expected nat or none",
+        ),
+        (settings.sandbox.uid > 0 and settings.sandbox.gid > 0, "HXB_SANDBOX_UID/GID must not be 0 (root)"),
         (bool(settings.region.strip()), "HXB_REGION must not be empty"),
     ]
     for ok, message in checks:

@@ -153,6 +153,12 @@ class RuntimeExitError(InvocationError):
         self.exit_description = exit_description
 
 
+class RuntimeOutOfMemoryError(RuntimeExitError):
+    """The instance was killed for reaching its memory limit."""
+
+    error_type = "Runtime.OutOfMemory"
+
+
 class RuntimeProtocolError(InvocationError):
     """The bootstrap sent something that is not a valid frame: the instance is not trusted again."""
 

@@ -24,7 +24,7 @@ from hxb.registry import FunctionRegistry
 from hxb.router import Router
 from hxb.runtimes import RuntimeCatalog
 from hxb.sandbox.base import SandboxFactory
-from hxb.sandbox.local import LocalSandboxFactory
+from hxb.sandbox.select import open_sandbox
 from hxb.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class Services:
     router: Router
     registry: FunctionRegistry
     deploy_demo: bool = False
+    sandbox_degraded: list[str] = field(default_factory=list)
     load_problems: list[str] = field(default_factory=list)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _started: bool = False
@@ -63,7 +64,8 @@ class Services:
             shutil.rmtree(data_dir / leftover, ignore_errors=True)
         store = await open_store(settings.store_url)
         catalog = await RuntimeCatalog.discover(data_dir, settings.runtimes.python_search_paths)
-        factory = LocalSandboxFactory(data_dir / "instances")
+        choice = await open_sandbox(settings.sandbox, data_dir, catalog)
+        factory = choice.factory
         sink = LogSink(
             store.append_logs,
             flush_interval_s=settings.logs.flush_interval_s,
@@ -89,6 +91,7 @@ class Services:
             pool=pool,
             router=router,
             registry=registry,
+            sandbox_degraded=choice.degraded,
         )
 
     async def start(self) -> None:
@@ -100,6 +103,12 @@ class Services:
         self.load_problems = await self.registry.load()
         for problem in self.load_problems:
             log.warning(problem)
+        # The runtimes deployed functions use get their zygotes now, not at the first request.
+        runtimes = {r.runtime.name: r.runtime for r in self.router.list()}
+        default = self.catalog.list()
+        if not runtimes and default:
+            runtimes = {r.name: r for r in default if r.name == "python3.11"}
+        await self.factory.prepare(list(runtimes.values()))
         task = asyncio.get_running_loop().create_task(self._prune_logs_forever(), name="hxb-log-prune")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Final, NamedTuple, cast
 
 from hxb.pool.wire import HEADER, FrameType
+from hxb.runtimes import RuntimeInfo
 from hxb.sandbox.base import SandboxPaths, SandboxSpec
 
 Behaviour = Callable[["FakeRuntime"], Coroutine[Any, Any, None]]
@@ -210,6 +211,8 @@ class FakeSandbox:
         self._pid = next(_pids)
         self.ignore_sigterm = ignore_sigterm
         self.reported_memory_peak_bytes = memory_peak_bytes
+        self.oom = False  # set to make the next exit an out-of-memory kill
+        self.ready_calls = 0
         self.signals: list[signal.Signals] = []
         self.status: int | None = None
         self.closed = False
@@ -279,6 +282,12 @@ class FakeSandbox:
 
     def memory_peak_bytes(self) -> int | None:
         return self.reported_memory_peak_bytes
+
+    def out_of_memory(self) -> bool:
+        return self.oom
+
+    def on_ready(self) -> None:
+        self.ready_calls += 1
 
     def close(self) -> None:
         if self.closed:
@@ -396,6 +405,9 @@ class FakeSandboxFactory:
         self.sandboxes.append(sandbox)
         await sandbox.runtime.start(self.behaviour)
         return sandbox
+
+    async def prepare(self, runtimes: list[RuntimeInfo]) -> None:
+        return None
 
     async def close(self) -> None:
         """Disposes of every fake; raises the first error a behaviour raised."""

@@ -13,16 +13,16 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import HxbServer
+from tests.conftest import INSTANCE_ID, HxbServer, instance_pids, wait_instance_gone
 
 MIB = 1024 * 1024
 # Lambda's limit for a synchronous request or response payload.
 PAYLOAD_LIMIT_BYTES = 6 * MIB
 
-CANARY_HANDLER = """
+CANARY_HANDLER = f"""
 import os
 def handler(event, context):
-    return {"canary": event.get("token"), "pid": os.getpid()}
+    return {{"canary": event.get("token"), "instance": {INSTANCE_ID}}}
 """
 
 
@@ -82,23 +82,16 @@ def decode_log_result(response: httpx.Response) -> str:
     return base64.b64decode(raw, validate=True).decode("utf-8")
 
 
-def process_exists(pid: int) -> bool:
-    """Whether `pid` is a live process (a zombie counts as gone: it runs nothing)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            state = fh.read().rsplit(b")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in (b"Z", b"X")
+def instance_running(instance_id: str) -> bool:
+    """Whether any process of the instance is alive (zombies count as gone: they run nothing)."""
+    return bool(instance_pids(instance_id))
 
 
-def wait_for_process_exit(pid: int, timeout_s: float = 10.0) -> None:
-    """Polls until `pid` has exited (a retired instance gets SIGTERM and a grace period)."""
-    deadline = time.monotonic() + timeout_s
-    while process_exists(pid):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"process {pid} still runs {timeout_s} s later")
-        time.sleep(0.05)
+def wait_for_instance_exit(instance_id: str, timeout_s: float = 10.0) -> None:
+    """Polls until the instance's processes have exited (a retired one gets SIGTERM and a grace period)."""
+    alive = wait_instance_gone(instance_id, timeout_s)
+    if alive:
+        raise AssertionError(f"instance {instance_id} still runs {timeout_s} s later: pids {alive}")
 
 
 def files_named(root: str | os.PathLike[str], name: str) -> list[str]:

@@ -6,26 +6,25 @@ from __future__ import annotations
 import concurrent.futures
 from typing import Any
 
-from tests.conftest import HxbServer
-from tests.integration.test_lifecycle import _wait_gone
+from tests.conftest import INSTANCE_ID, HxbServer, wait_instance_gone
 
-SLOW = """
+SLOW = f"""
 import os, time
 def handler(event, context):
     time.sleep(event.get("sleep", 0))
-    return os.getpid()
+    return {INSTANCE_ID}
 """
 
 
 def test_concurrent_invocations_start_more_instances(hxb_server: HxbServer) -> None:
     hxb_server.deploy("wide", {"index.py": SLOW})
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        pids = list(pool.map(lambda _: hxb_server.invoke("wide", {"sleep": 1.0}).json(), range(4)))
-    # Four at once, one at a time per instance: four processes.
-    assert len(set(pids)) == 4
-    # Sequential calls reuse warm instances: no fifth process.
+        instances = list(pool.map(lambda _: hxb_server.invoke("wide", {"sleep": 1.0}).json(), range(4)))
+    # Four at once, one at a time per instance: four instances.
+    assert len(set(instances)) == 4
+    # Sequential calls reuse warm instances: no fifth one.
     later = {hxb_server.invoke("wide").json() for _ in range(6)}
-    assert later <= set(pids)
+    assert later <= set(instances)
     with hxb_server.client() as c:
         instances = c.get("/v1/functions/wide").json()["instances"]
     assert instances == {"idle": 4, "busy": 0, "starting": 0}
@@ -36,22 +35,21 @@ def test_idle_instances_are_stopped_after_the_idle_timeout(hxb_server_factory: A
     server.deploy(
         "sleepy",
         {
-            "index.py": """
+            "index.py": f"""
                 import os, signal, sys
                 def bye(*_):
                     print("got SIGTERM", flush=True)
                     sys.exit(0)
                 signal.signal(signal.SIGTERM, bye)
                 def handler(event, context):
-                    return os.getpid()
+                    return {INSTANCE_ID}
             """
         },
     )
-    pid = server.invoke("sleepy").json()
+    instance = server.invoke("sleepy").json()
 
-    assert _wait_gone([pid], timeout_s=15) == []
+    assert wait_instance_gone(instance, timeout_s=15) == []
     # It was asked to stop (SIGTERM), it was not just killed.
     server.wait_for_log("sleepy", "got SIGTERM")
     # The function still works: a new instance starts cold.
-    new_pid = server.invoke("sleepy").json()
-    assert new_pid != pid
+    assert server.invoke("sleepy").json() != instance

@@ -45,19 +45,19 @@ def test_module_level_code_runs_once_per_instance(hxb_server: HxbServer) -> None
             "index.py": """
                 import os
                 INITS = []
-                INITS.append(os.getpid())
+                INITS.append(1)
                 calls = 0
                 def handler(event, context):
                     global calls
                     calls += 1
-                    return {"inits": len(INITS), "calls": calls, "pid": os.getpid()}
+                    return {"inits": len(INITS), "calls": calls, "instance": os.environ["AWS_LAMBDA_LOG_STREAM_NAME"]}
             """
         },
     )
     results = [hxb_server.invoke("counter").json() for _ in range(5)]
     assert [r["calls"] for r in results] == [1, 2, 3, 4, 5]
     assert {r["inits"] for r in results} == {1}
-    assert len({r["pid"] for r in results}) == 1
+    assert len({r["instance"] for r in results}) == 1
 
 
 def test_async_def_handler_keeps_its_event_loop_between_invocations(hxb_server: HxbServer) -> None:

@@ -76,6 +76,33 @@ def runtimes(
     out.print(table)
 
 
+@app.command()
+def doctor(
+    uid: Annotated[int, typer.Option("--uid", envvar="HXB_SANDBOX_UID", help="The sandbox user id to check.")] = 990,
+) -> None:
+    """Report which isolation features this host gives instances, and what is missing."""
+    from rich.table import Table
+
+    from hxb.sandbox.doctor import check_host
+
+    report = check_host(uid=uid)
+    table = Table(box=None, header_style="bold")
+    for column in ("FEATURE", "", "DETAIL", "HINT"):
+        table.add_column(column)
+    for feature in report.features:
+        mark = "[green]ok[/]" if feature.ok else ("[red]MISSING[/]" if feature.required else "[yellow]degraded[/]")
+        table.add_row(feature.name, mark, feature.detail, feature.hint)
+    out.print(table)
+    if report.complete:
+        out.print("full isolation: every instance runs in the linux sandbox")
+    elif report.sandbox_possible:
+        out.print("[yellow]linux sandbox with reduced isolation[/]: see the features marked degraded")
+    else:
+        out.print("[red]no sandbox on this host[/]: `hxb serve` would run instances WITHOUT isolation")
+    if not report.complete:
+        raise typer.Exit(1)
+
+
 def _local_runtimes() -> list[dict[str, str]]:
     import asyncio
     import tempfile

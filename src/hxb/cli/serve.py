@@ -152,8 +152,9 @@ def _banner(settings: Settings, services: Services, endpoint: str, *, demo: bool
         f"sandbox: {services.sandbox_name}   region: {settings.region}",
         f"  runtimes: {', '.join(r.name for r in services.catalog.list()) or 'none found'}",
     ]
-    if services.sandbox_name == "local":
-        lines.append("  WARNING: instances run WITHOUT isolation (local sandbox): for development only")
+    lines.extend(f"  WARNING: {problem}" for problem in services.sandbox_degraded)
+    if services.sandbox_degraded:
+        lines.append("  (`hxb doctor` says what this host lacks and how to fix it)")
     if demo:
         lines += [
             f"demo function {DEMO_FUNCTION!r} is deployed. Try:",

@@ -413,6 +413,9 @@ class PoolManager:
             env=instance_environment(revision, paths, stream=stream),
             memory_limit_mib=revision.config.memory,
             ephemeral_storage_mib=revision.config.ephemeral_storage,
+            egress=tuple(revision.config.vpc.egress)
+            if revision.config.vpc and revision.config.vpc.egress is not None
+            else None,
             labels={"function": revision.name, "workspace": revision.workspace},
         )
         try:

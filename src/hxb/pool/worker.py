@@ -19,6 +19,7 @@ from hxb.errors import (
     InternalError,
     InvocationError,
     RuntimeExitError,
+    RuntimeOutOfMemoryError,
     RuntimeProtocolError,
 )
 from hxb.logs.capture import InvocationLog, LineSplitter
@@ -101,6 +102,7 @@ class Worker:
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[Frame] | None = None
         self._channel_closed = False
+        self._early_frame: Frame | None = None
         self._exit_task: asyncio.Task[InvocationError] | None = None
         self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._loop = asyncio.get_running_loop()
@@ -134,6 +136,7 @@ class Worker:
         # Init Duration counts from the request to spawn to READY: what the caller waited.
         self.init_duration_ms = (time.perf_counter() - self._spawn_started) * 1000
         if frame.type == FrameType.READY:
+            self.sandbox.on_ready()
             return
         if frame.type == FrameType.INIT_ERROR:
             raise self._init_error(frame.body)
@@ -180,6 +183,9 @@ class Worker:
     async def _next_frame(self, phase: str) -> Frame:
         if self._waiter is not None:
             raise InternalError(f"worker {self.id}: two waiters on one channel")
+        if self._early_frame is not None:
+            frame, self._early_frame = self._early_frame, None
+            return frame
         if self._channel_closed:
             raise await self._exit_error(phase)
         self._waiter = self._loop.create_future()
@@ -197,6 +203,8 @@ class Worker:
             self.sandbox.kill()
             status = await asyncio.shield(self._exited)
         invocation_id = self.current_log.invocation_id if self.current_log else ""
+        if self.sandbox.out_of_memory():
+            return RuntimeOutOfMemoryError(invocation_id, describe_wait_status(status))
         return RuntimeExitError(invocation_id, describe_wait_status(status))
 
     def _on_channel_data(self, data: bytes) -> None:
@@ -208,6 +216,10 @@ class Worker:
         for frame in frames:
             waiter = self._waiter
             if waiter is None or waiter.done():
+                if self.state is WorkerState.STARTING and self._early_frame is None:
+                    # A fast runtime's READY can arrive before `wait_ready` asks for it.
+                    self._early_frame = frame
+                    continue
                 self._fail_channel(RuntimeProtocolError(f"the runtime sent an unexpected {frame.type.name} frame"))
                 return
             waiter.set_result(frame)

@@ -136,8 +136,7 @@ class RuntimeCatalog:
         async with self._compile_lock:
             if runtime.name in self._compiled:
                 return
-            source = self.bootstrap_dir(runtime) / f"{BOOTSTRAP_MODULE}.py"
-            await compile_tree(runtime, [source])
+            await compile_tree(runtime, sorted(self.bootstrap_dir(runtime).glob("*.py")))
             self._compiled.add(runtime.name)
 
 
@@ -205,13 +204,21 @@ def _write_cache(path: Path, data: dict[str, list[str | int]]) -> None:
 def _install_bootstraps(root: Path) -> None:
     """Copies the shipped bootstraps into the data dir (the installed package may be read-only
     and instances must not see the platform's own files)."""
-    source = resources.files("hxb") / "bootstraps" / "python" / f"{BOOTSTRAP_MODULE}.py"
+    source_dir = resources.files("hxb") / "bootstraps" / "python"
     target_dir = root / "python"
     target_dir.mkdir(parents=True, exist_ok=True)
-    target = target_dir / f"{BOOTSTRAP_MODULE}.py"
-    content = source.read_bytes()
-    if not target.exists() or target.read_bytes() != content:
-        tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(content)
-        tmp.replace(target)
+    os.chmod(target_dir, 0o755)  # noqa: S103 -- instances (another uid) read the runtime
+    changed = False
+    for source in source_dir.iterdir():
+        if not source.name.endswith(".py"):
+            continue
+        target = target_dir / source.name
+        content = source.read_bytes()
+        if not target.exists() or target.read_bytes() != content:
+            tmp = target.with_suffix(".tmp")
+            tmp.write_bytes(content)
+            os.chmod(tmp, 0o644)
+            tmp.replace(target)
+            changed = True
+    if changed:
         shutil.rmtree(target_dir / "__pycache__", ignore_errors=True)

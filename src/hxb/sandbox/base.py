@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from hxb.runtimes import RuntimeInfo
+from hxb.spec import EgressRule
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,8 @@ class SandboxSpec:
     env: Mapping[str, str]  # the instance's whole environment
     memory_limit_mib: int
     ephemeral_storage_mib: int
+    # None: outbound network unrestricted (through NAT); a tuple: only these destinations.
+    egress: tuple[EgressRule, ...] | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -73,6 +76,14 @@ class Sandbox(Protocol):
 
     def memory_peak_bytes(self) -> int | None: ...
 
+    def out_of_memory(self) -> bool:
+        """Whether the instance hit its memory limit (its exit is then Runtime.OutOfMemory)."""
+        ...
+
+    def on_ready(self) -> None:
+        """Init is over: limits that spare init (the CPU quota) apply from now on."""
+        ...
+
     def close(self) -> None:
         """Releases the platform's fds. Call after the instance exited."""
         ...
@@ -87,6 +98,10 @@ class SandboxFactory(Protocol):
         ...
 
     async def start(self, spec: SandboxSpec) -> Sandbox: ...
+
+    async def prepare(self, runtimes: list[RuntimeInfo]) -> None:
+        """Gets ready ahead of demand (e.g. starts zygotes), so first instances start fast."""
+        ...
 
     async def close(self) -> None: ...
 

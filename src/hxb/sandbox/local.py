@@ -15,6 +15,7 @@ import signal
 import socket
 from pathlib import Path
 
+from hxb.runtimes import RuntimeInfo
 from hxb.sandbox.base import SandboxPaths, SandboxSpec
 
 # The bootstrap finds its end of the control channel here (see _hxb_bootstrap.main).
@@ -113,6 +114,12 @@ class LocalSandbox:
         except (ValueError, IndexError):
             return None
 
+    def out_of_memory(self) -> bool:
+        return False  # no memory limit without a cgroup
+
+    def on_ready(self) -> None:
+        return None
+
     def close(self) -> None:
         if self._closed:
             return
@@ -198,6 +205,9 @@ class LocalSandboxFactory:
             os.close(log_r)
             shutil.rmtree(workdir, ignore_errors=True)
             raise
+
+    async def prepare(self, runtimes: list[RuntimeInfo]) -> None:
+        return None
 
     async def close(self) -> None:
         return None
