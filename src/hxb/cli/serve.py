@@ -111,6 +111,8 @@ async def _serve(settings: Settings, sock: socket.socket, *, demo: bool) -> None
 
     services = await Services.open(settings)
     services.deploy_demo = demo
+    # `kill -USR1 <pid>`: what every task of the platform is waiting on, to stderr.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
     endpoint = _endpoint(settings, sock)
     config = uvicorn.Config(
         build_app(services),
@@ -135,6 +137,14 @@ async def _serve(settings: Settings, sock: socket.socket, *, demo: bool) -> None
     if not server.started:
         await services.stop()
         raise CliError("hxb failed to start: see the errors above")
+
+
+def _dump_tasks() -> None:
+    tasks = asyncio.all_tasks()
+    print(f"--- {len(tasks)} tasks ---", file=sys.stderr, flush=True)
+    for task in tasks:
+        task.print_stack(limit=8, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _endpoint(settings: Settings, sock: socket.socket) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from hxb._subprocess import run_process
 from hxb.errors import RuntimeNotAvailableError
 
 log = logging.getLogger(__name__)
@@ -149,39 +150,19 @@ async def compile_tree(runtime: RuntimeInfo, paths: Sequence[Path]) -> None:
         "    (compileall.compile_dir(p, quiet=2, workers=1) if os.path.isdir(p)"
         " else compileall.compile_file(p, quiet=2))\n"
     )
-    proc = await asyncio.create_subprocess_exec(
-        str(runtime.executable),
-        "-I",
-        "-S",
-        "-c",
-        code,
-        *map(str, paths),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        log.warning("byte-compiling failed", extra={"runtime": runtime.name, "stderr": err.decode(errors="replace")})
+    result = await run_process([str(runtime.executable), "-I", "-S", "-c", code, *map(str, paths)])
+    if result.returncode != 0:
+        stderr = result.stderr.decode(errors="replace")
+        log.warning("byte-compiling failed", extra={"runtime": runtime.name, "stderr": stderr})
 
 
 async def _probe(executable: Path) -> str:
     try:
-        proc = await asyncio.create_subprocess_exec(
-            str(executable),
-            "-I",
-            "-S",
-            "-c",
-            _PROBE,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout=10)
+        result = await run_process([str(executable), "-I", "-S", "-c", _PROBE], timeout_s=10)
     except (OSError, TimeoutError):
         return ""
-    parts = out.decode(errors="replace").split()
-    if proc.returncode != 0 or len(parts) != 2 or parts[0] != "cpython":
+    parts = result.stdout.decode(errors="replace").split()
+    if result.returncode != 0 or len(parts) != 2 or parts[0] != "cpython":
         return ""
     return parts[1]
 

@@ -627,6 +627,13 @@ class CgroupDriver:
             group.remove()
         return len(stale)
 
+    def close(self) -> None:
+        """Removes the `<prefix>/` subtree where it is empty (the platform is stopping and its
+        instances are gone); a group still in use, or another platform's, stays."""
+        for prefix_dir in self._prefix_dirs():
+            with contextlib.suppress(OSError):
+                prefix_dir.rmdir()
+
     def describe(self) -> dict[str, object]:
         """What `hxb doctor` shows: the version, the controllers, where groups are made."""
         info: dict[str, object] = {

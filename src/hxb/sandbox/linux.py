@@ -347,6 +347,7 @@ class LinuxSandboxFactory:
             await self._network.close()
         if self._scratch is not None:
             await self._scratch.close()
+        self._cgroups.close()
 
 
 async def _open_network(settings: SandboxSettings, prefix: str, platform_id: str) -> NetworkManager:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from hxb._subprocess import run_process
 from hxb.errors import ConfigError, InternalError, SandboxSpawnError, SandboxUnavailableError
 
 if TYPE_CHECKING:
@@ -417,32 +418,18 @@ class _Outcome:
 
 
 async def _run(argv: Sequence[str], script: str = "", *, timeout_s: float = _COMMAND_TIMEOUT_S) -> _Outcome:
+    # posix_spawn, not asyncio's subprocesses: those fork the platform and stall its loop.
     try:
-        # No stdin pipe unless there is a script: a tool that exits before reading it leaves a
-        # closed pipe, and writing even b"" to it fails under uvloop.
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if script else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=_TOOL_ENV,
+        result = await run_process(
+            argv, input_bytes=script.encode() if script else None, env=_TOOL_ENV, timeout_s=timeout_s
         )
+    except TimeoutError:  # before OSError, of which it is a subclass
+        raise SandboxSpawnError(f"{' '.join(argv)} did not finish within {timeout_s:g}s") from None
     except OSError as exc:  # EAGAIN, ENOMEM, or the tool vanished since open
         raise SandboxSpawnError(f"cannot run {argv[0]}: {exc}") from exc
-    try:
-        async with asyncio.timeout(timeout_s):
-            out, err = await proc.communicate(script.encode() if script else None)
-    except BaseException as exc:
-        # Timed out or cancelled: the tool must not go on changing our objects behind our back.
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-        if isinstance(exc, TimeoutError):
-            raise SandboxSpawnError(f"{' '.join(argv)} did not finish within {timeout_s:g}s") from None
-        raise
-    returncode = -1 if proc.returncode is None else proc.returncode  # set: communicate() waits for the exit
-    return _Outcome(returncode, out.decode(errors="replace"), err.decode(errors="replace").strip())
+    return _Outcome(
+        result.returncode, result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace").strip()
+    )
 
 
 async def _check(argv: Sequence[str], script: str = "") -> _Outcome:

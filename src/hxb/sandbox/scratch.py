@@ -30,6 +30,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Protocol
 
+from hxb._subprocess import run_process
 from hxb.errors import ConfigError, InternalError, PlatformError, SandboxSpawnError, SandboxUnavailableError
 
 log = logging.getLogger(__name__)
@@ -621,24 +622,15 @@ async def _run(argv: Sequence[str]) -> str:
 
 
 async def _run_to_end(argv: Sequence[str]) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=_TOOL_ENV,
-    )
+    # posix_spawn, not asyncio's subprocesses: those fork the platform and stall its loop.
     try:
-        async with asyncio.timeout(_TOOL_TIMEOUT_S):
-            stdout, stderr = await proc.communicate()
+        result = await run_process(argv, env=_TOOL_ENV, timeout_s=_TOOL_TIMEOUT_S)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise SandboxSpawnError(f"{' '.join(argv)} did not finish in {_TOOL_TIMEOUT_S:g}s") from None
-    if proc.returncode != 0:
-        detail = stderr.decode(errors="replace").strip() or f"exit status {proc.returncode}"
+    if result.returncode != 0:
+        detail = result.stderr.decode(errors="replace").strip() or f"exit status {result.returncode}"
         raise SandboxSpawnError(f"{Path(argv[0]).name} failed: {detail} (command: {' '.join(argv)})")
-    return stdout.decode(errors="replace")
+    return result.stdout.decode(errors="replace")
 
 
 def _lock(root: Path) -> int:

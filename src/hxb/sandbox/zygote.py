@@ -44,6 +44,7 @@ class ZygoteClient:
         self._exits: dict[str, ExitCallback] = {}
         self._output = b""
         self.alive = True
+        self._closed = False
 
     @classmethod
     async def start(cls, runtime: RuntimeInfo, runtime_dir: Path) -> ZygoteClient:
@@ -176,6 +177,10 @@ class ZygoteClient:
             log.warning("zygote %s stopped: %s", self.runtime.name, why)
 
     async def close(self) -> None:
+        # Once: closing an fd twice could close whatever got its number in between.
+        if self._closed:
+            return
+        self._closed = True
         self._died("closed")
         with contextlib.suppress(ValueError, OSError):
             self._loop.remove_reader(self._output_fd)
