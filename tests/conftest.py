@@ -7,6 +7,7 @@ with its own data dir, and always stops it, even when the test fails.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -121,14 +122,25 @@ class HxbServer:
         return self.process.returncode
 
     def shutdown(self) -> None:
-        """The end of a test: a clean stop (the sandbox's mounts, network namespaces and
-        cgroups go with it), SIGKILL only if that fails."""
-        if self.process is None or self.process.poll() is not None:
-            self._close_output()
+        """The end of a test: a clean stop, after which nothing of the platform may be left on
+        the host (the sandbox's network namespaces, nftables table, mounts, cgroups). A platform
+        that was killed is cleaned up after with `hxb sandbox cleanup`."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.stop(signal.SIGTERM, timeout_s=30)
+            self.kill()
+        self._close_output()
+        if self.process is None or os.geteuid() != 0:
             return
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.stop(signal.SIGTERM, timeout_s=30)
-        self.kill()
+        leftovers = host_leftovers(self.data_dir)
+        if self.process.returncode != 0 or leftovers:
+            subprocess.run(
+                [HXB, "sandbox", "cleanup", "--data-dir", str(self.data_dir)],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+        assert self.process.returncode != 0 or not leftovers, f"a clean stop left {leftovers} on the host"
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -226,6 +238,24 @@ def wait_instance_gone(instance_id: str, timeout_s: float = 10.0) -> list[int]:
         time.sleep(0.05)
 
 
+def host_leftovers(data_dir: Path) -> list[str]:
+    """The linux sandbox's objects of the platform with this data dir still on the host."""
+    platform_id = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:4]  # noqa: S324 -- a name
+    found: list[str] = []
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False).stdout
+    found += [line for line in tables.splitlines() if line.endswith(f" hx{platform_id}")]
+    netns = Path("/run/netns")
+    if netns.is_dir():
+        found += [f"netns {n}" for n in os.listdir(netns) if n.startswith(f"hx{platform_id}-")]
+    scratch = str((data_dir / "scratch" / "mnt").resolve())
+    found += [
+        f"mount {line.split()[4]}"
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4].startswith(scratch)
+    ]
+    return found
+
+
 def server_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HXB_")}
     env.update(overrides)
@@ -247,7 +277,8 @@ def hxb_server_factory(tmp_path: Path) -> Iterator[Any]:
         return server.start(*args)
 
     yield start
-    for server in started:
+    # Latest first: a later server may be using an earlier one's data dir.
+    for server in reversed(started):
         server.shutdown()
 
 

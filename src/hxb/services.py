@@ -119,11 +119,13 @@ class Services:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.registry.close()
-        await self.pool.close()
-        await self.log_sink.close()
-        await self.factory.close()
-        await self.store.close()
+        # Every step runs even when one before it failed: what the sandbox holds on the host
+        # (namespaces, mounts, cgroups) must go whatever happened to the logs.
+        for step in (self.registry.close, self.pool.close, self.log_sink.close, self.factory.close, self.store.close):
+            try:
+                await step()
+            except Exception:  # a boundary: shutdown goes on
+                log.exception("stopping a component failed", extra={"component": step.__qualname__})
 
     async def _prune_logs_forever(self) -> None:
         while True:

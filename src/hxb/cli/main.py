@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -101,6 +102,26 @@ def doctor(
         out.print("[red]no sandbox on this host[/]: `hxb serve` would run instances WITHOUT isolation")
     if not report.complete:
         raise typer.Exit(1)
+
+
+sandbox_app = typer.Typer(help="The host side of the linux sandbox.", no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
+
+
+@sandbox_app.command("cleanup")
+def sandbox_cleanup(
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", envvar="HXB_DATA_DIR", help="The platform's data dir.")
+    ] = Path(".hxb"),
+) -> None:
+    """Remove what a killed `hxb serve` left on this host (cgroups, network namespaces, /tmp
+    volumes). `hxb serve` does it itself at start; this is for a platform you will not restart."""
+    import asyncio
+
+    from hxb.sandbox.linux import cleanup_host
+
+    removed = asyncio.run(cleanup_host(data_dir))
+    err.print(f"removed {removed} leftover objects of the platform at {data_dir.resolve()}")
 
 
 def _local_runtimes() -> list[dict[str, str]]:

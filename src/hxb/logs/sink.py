@@ -64,6 +64,7 @@ class LogSink:
         self._dropped_since_flush: dict[tuple[str, str, str], int] = {}
         self._listeners: list[Callable[[], None]] = []
         self._wakeup = asyncio.Event()
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
 
@@ -96,7 +97,7 @@ class LogSink:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="hxb-log-sink")
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._flush_interval_s)
             self._wakeup.clear()
@@ -154,10 +155,12 @@ class LogSink:
             callback()
 
     async def close(self) -> None:
+        # Not cancelled: a write cancelled midway leaves its connection holding the database's
+        # write lock, and the last flush below would then find it locked.
+        self._stopping = True
+        self._wakeup.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
             self._task = None
         await self.flush()
 

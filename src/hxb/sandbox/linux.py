@@ -167,10 +167,7 @@ class LinuxSandboxFactory:
                 "or set HXB_SANDBOX_MODE=local"
             )
         problems: list[str] = []
-        # Several platforms can share a host (one per data dir, as tests do): each names its
-        # cgroups, network objects and subnet block after its data dir, and cleans only its own.
-        # A name, not a secret: sha1 is fine.
-        platform_id = hashlib.sha1(str(data_dir).encode()).hexdigest()[:4]  # noqa: S324
+        platform_id = _platform_id(data_dir)
         cgroups = CgroupDriver.detect(prefix=f"hxb-{platform_id}")
         cgroups.cleanup_stale()
         network: NetworkManager | None = None
@@ -348,6 +345,27 @@ class LinuxSandboxFactory:
         if self._scratch is not None:
             await self._scratch.close()
         self._cgroups.close()
+
+
+def _platform_id(data_dir: Path) -> str:
+    """Several platforms can share a host (one per data dir, as tests do): each names its
+    cgroups, network objects and subnet block after its data dir, and cleans only its own.
+    A name, not a secret: sha1 is fine."""
+    return hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:4]  # noqa: S324
+
+
+async def cleanup_host(data_dir: Path) -> int:
+    """Removes what a platform with this data dir left on the host when it was killed (its
+    cgroups, network namespaces, veths and nftables table, /tmp volumes). Only when it is not
+    running. Returns how many objects were removed."""
+    data_dir = data_dir.resolve()  # noqa: ASYNC240 -- a path lookup, once, in a CLI command
+    platform_id = _platform_id(data_dir)
+    removed = await NetworkManager.cleanup_stale(f"hx{platform_id}")
+    removed += await ScratchVolumes.cleanup_stale(data_dir / "scratch")
+    cgroups = CgroupDriver.detect(prefix=f"hxb-{platform_id}")
+    removed += cgroups.cleanup_stale()
+    cgroups.close()
+    return removed
 
 
 async def _open_network(settings: SandboxSettings, prefix: str, platform_id: str) -> NetworkManager:
