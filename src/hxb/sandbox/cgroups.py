@@ -90,6 +90,8 @@ class Cgroup(Protocol):
     def name(self) -> str: ...
     def join_paths(self) -> list[str]: ...  # a child writes "0" into each to move itself in
     def set_cpu_quota(self, quota_us: int | None) -> None: ...
+    def set_memory_limit(self, memory_bytes: int) -> None: ...  # lowering only (a prepared group)
+    def rename(self, name: str) -> None: ...
     def memory_peak_bytes(self) -> int | None: ...
     def oom_kill_count(self) -> int: ...
     def pids(self) -> list[int]: ...
@@ -232,6 +234,25 @@ class _GroupBase:
     def join_paths(self) -> list[str]:
         return [str(d / "cgroup.procs") for d in self._unique_dirs]
 
+    def rename(self, name: str) -> None:
+        """Gives the group its instance's name (a sandbox prepared ahead of demand learns it
+        late); cgroupfs renames a directory in place, its processes stay."""
+        _check_name("name", name)
+        owner = self._unique_dirs[0].name.rsplit(".", 1)[0]
+        renamed = {}
+        for d in self._unique_dirs:
+            target = d.with_name(f"{owner}.{name}")
+            try:
+                os.rename(d, target)
+            except OSError as exc:
+                raise CgroupError(
+                    f"cannot rename {d} to {target.name}: {exc.strerror}", path=d, errno=exc.errno
+                ) from exc
+            renamed[d] = target
+        self._dirs = {c: renamed[d] for c, d in self._dirs.items()}
+        self._unique_dirs = _unique(self._dirs.values())
+        self._name = name
+
     def pids(self) -> list[int]:
         # Union over hierarchies and any sub-groups: a child that died halfway through joining,
         # or a sub-group made later, must not hide a process from kill_all.
@@ -344,6 +365,9 @@ class V2Cgroup(_GroupBase):
         self.set_cpu_quota(limits.cpu_quota_us)
         _write(d / "pids.max", str(limits.pids_max))
 
+    def set_memory_limit(self, memory_bytes: int) -> None:
+        _write(self._dir / "memory.max", str(memory_bytes))
+
     def set_cpu_quota(self, quota_us: int | None) -> None:
         _check_quota(quota_us)
         _write(self._dir / "cpu.max", f"{'max' if quota_us is None else quota_us} {self._cpu_period_us}")
@@ -391,6 +415,13 @@ class V1Cgroup(_GroupBase):
         _write(cpu / "cpu.cfs_period_us", str(limits.cpu_period_us))
         self.set_cpu_quota(limits.cpu_quota_us)
         _write(self._dirs["pids"] / "pids.max", str(limits.pids_max))
+
+    def set_memory_limit(self, memory_bytes: int) -> None:
+        # Lowering: the limit first, then memsw, which the kernel keeps >= the limit.
+        mem = self._dirs["memory"]
+        _write(mem / "memory.limit_in_bytes", str(memory_bytes))
+        if "memory.memsw.limit_in_bytes" in self._features:
+            _write(mem / "memory.memsw.limit_in_bytes", str(memory_bytes))
 
     def set_cpu_quota(self, quota_us: int | None) -> None:
         _check_quota(quota_us)

@@ -9,16 +9,22 @@ volume; the last two ahead of demand by their managers), then the zygote's child
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import hashlib
 import ipaddress
+import json
 import logging
 import os
 import signal
 import socket
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from hxb.config import SandboxSettings
 from hxb.errors import SandboxSpawnError, SandboxUnavailableError
@@ -28,11 +34,53 @@ from hxb.sandbox.cgroups import Cgroup, CgroupDriver, limits_for
 from hxb.sandbox.network import InstanceNetwork, NetworkManager
 from hxb.sandbox.scratch import ScratchVolume, ScratchVolumes
 from hxb.sandbox.zygote import ZygoteClient
+from hxb.spec import MEMORY_MAX_MB
 
 log = logging.getLogger(__name__)
 
 # Inside the sandbox: Lambda's fixed paths.
 _PATHS = SandboxPaths(task_root="/var/task", runtime_root="/var/runtime", opt_root="/opt", tmp_dir="/tmp")  # noqa: S108
+
+
+# Prepared sandboxes get Lambda's default /tmp; other sizes are made on demand.
+PREPARED_TMP_MIB: Final = 512
+_REFILL_DELAY_S: Final = 0.2
+
+
+class _ExitRelay:
+    """Where the zygote's exit report for one sandbox goes: to its LinuxSandbox once there is
+    one (reports that arrive before are kept), else to `on_unattached_exit`."""
+
+    def __init__(self) -> None:
+        self._sandbox: LinuxSandbox | None = None
+        self._pending: int | None = None
+        self.on_unattached_exit: Callable[[int], None] | None = None
+
+    def __call__(self, status: int) -> None:
+        if self._sandbox is not None:
+            self._sandbox.set_exited(status)
+        elif self.on_unattached_exit is not None:
+            self.on_unattached_exit(status)
+        else:
+            self._pending = status
+
+    def attach(self, sandbox: LinuxSandbox) -> None:
+        self._sandbox = sandbox
+        if self._pending is not None:
+            sandbox.set_exited(self._pending)
+
+
+@dataclass(eq=False)
+class _Prepared:
+    """A sandbox made ahead of demand: its init waits on `assign` for a function."""
+
+    pid: int
+    assign: socket.socket
+    cgroup: Cgroup
+    network: InstanceNetwork | None
+    scratch: ScratchVolume | None
+    exits: _ExitRelay
+    dead: bool = False
 
 
 class LinuxSandbox:
@@ -154,6 +202,9 @@ class LinuxSandboxFactory:
         self._zygotes: dict[str, ZygoteClient] = {}
         self._zygote_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ready: dict[str, deque[_Prepared]] = {}
+        self._refilling: set[str] = set()
+        self._closing = False
 
     @classmethod
     async def open(
@@ -219,11 +270,29 @@ class LinuxSandboxFactory:
             return zygote
 
     async def prepare(self, runtimes: list[RuntimeInfo]) -> None:
-        """Starts zygotes ahead of demand, so the first instance does not wait for one."""
+        """Starts zygotes ahead of demand, so the first instance does not wait for one, and
+        their pools of prepared sandboxes."""
         for runtime in runtimes:
             await self._zygote(runtime)
+            self._refill_later(runtime)
 
     async def start(self, spec: SandboxSpec) -> LinuxSandbox:
+        if self._prepared_usable(spec):
+            prepared = self._take_prepared(spec.runtime.name)
+            self._refill_later(spec.runtime, delay_s=_REFILL_DELAY_S)
+            if prepared is not None:
+                try:
+                    return self._assign(prepared, spec)
+                except OSError:
+                    # Its init is gone (the zygote's report is on its way): make one now.
+                    self._prepared_died(prepared)
+        else:
+            self._refill_later(spec.runtime)
+        return await self._start_cold(spec)
+
+    async def _start_cold(self, spec: SandboxSpec) -> LinuxSandbox:
+        """Everything now: a sandbox made for this instance, with its egress rules or its
+        /tmp size (what prepared sandboxes do not have)."""
         zygote = await self._zygote(spec.runtime)
         limits = limits_for(spec.memory_limit_mib, pids_max=self._settings.pids_max)
         # Created without the CPU quota: init runs unthrottled, `on_ready` applies it.
@@ -234,6 +303,7 @@ class LinuxSandboxFactory:
         parent_sock: socket.socket | None = None
         child_sock: socket.socket | None = None
         log_r = log_w = -1
+        exits = _ExitRelay()
         try:
             if self._network is not None:
                 network = await self._network.acquire(spec.egress)
@@ -241,18 +311,12 @@ class LinuxSandboxFactory:
                 scratch = await self._scratch.acquire(spec.ephemeral_storage_mib)
             parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             log_r, log_w = os.pipe()
-            sandbox_ref: list[LinuxSandbox] = []
-            pending_status: list[int] = []
-
-            def on_exit(status: int) -> None:
-                if sandbox_ref:
-                    sandbox_ref[0].set_exited(status)
-                else:
-                    pending_status.append(status)
-
-            pid = await zygote.spawn(
-                self._request(spec, cgroup, network, scratch), [child_sock.fileno(), log_w], on_exit
-            )
+            request = {
+                "id": spec.instance_id,
+                **self._base_request(spec.runtime, cgroup, network, scratch, spec.ephemeral_storage_mib),
+                **self._function_fields(spec),
+            }
+            pid = await zygote.spawn(request, [child_sock.fileno(), log_w], exits)
         except BaseException:
             if parent_sock is not None:
                 parent_sock.close()
@@ -278,34 +342,159 @@ class LinuxSandboxFactory:
             network=network,
             scratch=scratch,
         )
-        sandbox_ref.append(sandbox)
-        for status in pending_status:
-            sandbox.set_exited(status)
+        exits.attach(sandbox)
         return sandbox
 
-    def _request(
-        self, spec: SandboxSpec, cgroup: Cgroup, network: InstanceNetwork | None, scratch: ScratchVolume | None
+    def _base_request(
+        self,
+        runtime: RuntimeInfo,
+        cgroup: Cgroup,
+        network: InstanceNetwork | None,
+        scratch: ScratchVolume | None,
+        tmp_size_mib: int,
     ) -> dict[str, Any]:
+        """What the zygote's child needs before it knows its function."""
         settings = self._settings
-        interpreter_prefix = _interpreter_prefix(spec.runtime)
+        interpreter_prefix = _interpreter_prefix(runtime)
         return {
-            "id": spec.instance_id,
-            "env": dict(spec.env),
             "root_mount": str(self._root_mount),
-            "task_root": str(spec.code_dir),
-            "runtime_root": str(spec.runtime_dir),
-            "opt_root": str(spec.layers_dir) if spec.layers_dir else None,
+            "runtime_root": str(self._catalog.bootstrap_dir(runtime)),
             "extra_readonly": [interpreter_prefix] if interpreter_prefix else [],
             "tmp_volume": str(scratch.mount_path) if scratch else None,
-            "tmp_size_mib": spec.ephemeral_storage_mib,
+            "tmp_size_mib": tmp_size_mib,
             "netns": str(network.netns_path) if network else None,
             "nameservers": list(network.nameservers) if network else [],
             "cgroup_procs": cgroup.join_paths(),
             "uid": settings.uid,
             "gid": settings.gid,
             "nofile": 1024,
+        }
+
+    @staticmethod
+    def _function_fields(spec: SandboxSpec) -> dict[str, Any]:
+        return {
+            "env": dict(spec.env),
+            "task_root": str(spec.code_dir),
+            "opt_root": str(spec.layers_dir) if spec.layers_dir else None,
             "hostname": "hxb-" + spec.instance_id[:12],
         }
+
+    # --- sandboxes prepared ahead of demand -------------------------------------------------------
+
+    def _prepared_usable(self, spec: SandboxSpec) -> bool:
+        # Prepared sandboxes have the default /tmp and unrestricted egress: a function that
+        # asks for other ones gets a sandbox made for it.
+        return spec.egress is None and spec.ephemeral_storage_mib == PREPARED_TMP_MIB
+
+    def _take_prepared(self, runtime_name: str) -> _Prepared | None:
+        ready = self._ready.get(runtime_name)
+        while ready:
+            prepared = ready.popleft()
+            if not prepared.dead:
+                return prepared
+        return None
+
+    def _assign(self, prepared: _Prepared, spec: SandboxSpec) -> LinuxSandbox:
+        """Hands a prepared sandbox its function: the memory limit, then its code, environment
+        and channels, in one message to its init."""
+        limits = limits_for(spec.memory_limit_mib, pids_max=self._settings.pids_max)
+        prepared.cgroup.set_memory_limit(limits.memory_bytes)
+        prepared.cgroup.rename(spec.instance_id)
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        log_r, log_w = os.pipe()
+        try:
+            payload = json.dumps(self._function_fields(spec)).encode()
+            prepared.assign.sendmsg(
+                [payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [child_sock.fileno(), log_w]))]
+            )
+        except OSError:
+            parent_sock.close()
+            os.close(log_r)
+            raise
+        finally:
+            child_sock.close()
+            os.close(log_w)
+            prepared.assign.close()
+        parent_sock.setblocking(False)
+        os.set_blocking(log_r, False)
+        sandbox = LinuxSandbox(
+            factory=self,
+            instance_id=spec.instance_id,
+            pid=prepared.pid,
+            control=parent_sock,
+            log_fd=log_r,
+            cgroup=prepared.cgroup,
+            cpu_quota_us=limits.cpu_quota_us,
+            network=prepared.network,
+            scratch=prepared.scratch,
+        )
+        prepared.exits.attach(sandbox)
+        return sandbox
+
+    def _refill_later(self, runtime: RuntimeInfo, *, delay_s: float = 0.0) -> None:
+        if self._settings.prewarm_sandboxes <= 0 or self._closing or runtime.name in self._refilling:
+            return
+        self._refilling.add(runtime.name)
+        task = asyncio.get_running_loop().create_task(
+            self._refill(runtime, delay_s), name=f"hxb-prepare-{runtime.name}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refill(self, runtime: RuntimeInfo, delay_s: float) -> None:
+        try:
+            # After a cold start took a prepared sandbox, let it finish first: preparing the
+            # next one costs a fork and CPU the instance being started needs now.
+            await asyncio.sleep(delay_s)
+            ready = self._ready.setdefault(runtime.name, deque())
+            failures = 0
+            while not self._closing and sum(not p.dead for p in ready) < self._settings.prewarm_sandboxes:
+                try:
+                    ready.append(await self._prepare(runtime))
+                    failures = 0
+                except Exception:  # a boundary: instances still start, the cold way
+                    failures += 1
+                    log.exception("preparing a sandbox failed", extra={"runtime": runtime.name})
+                    await asyncio.sleep(min(30.0, 0.5 * 2**failures))
+        finally:
+            self._refilling.discard(runtime.name)
+
+    async def _prepare(self, runtime: RuntimeInfo) -> _Prepared:
+        zygote = await self._zygote(runtime)
+        prepared_id = "prep-" + uuid.uuid4().hex
+        # The most memory a function may have; lowered to the function's at assignment.
+        limits = limits_for(MEMORY_MAX_MB, pids_max=self._settings.pids_max)
+        cgroup = self._cgroups.create(prepared_id, limits)
+        cgroup.set_cpu_quota(None)
+        network: InstanceNetwork | None = None
+        scratch: ScratchVolume | None = None
+        exits = _ExitRelay()
+        assign, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            if self._network is not None:
+                network = await self._network.acquire(None)
+            if self._scratch is not None:
+                scratch = await self._scratch.acquire(PREPARED_TMP_MIB)
+            request = {"id": prepared_id, **self._base_request(runtime, cgroup, network, scratch, PREPARED_TMP_MIB)}
+            pid = await zygote.spawn(request, [child.fileno()], exits, op="prepare")
+        except BaseException:
+            assign.close()
+            self.release_later(cgroup, network, scratch, exited=True)
+            raise
+        finally:
+            child.close()
+        prepared = _Prepared(pid=pid, assign=assign, cgroup=cgroup, network=network, scratch=scratch, exits=exits)
+        exits.on_unattached_exit = lambda status: self._prepared_died(prepared)
+        return prepared
+
+    def _prepared_died(self, prepared: _Prepared) -> None:
+        """A prepared sandbox ended before it got a function (discarded at shutdown, or its
+        setup failed): its resources go."""
+        if prepared.dead:
+            return
+        prepared.dead = True
+        prepared.assign.close()
+        self.release_later(prepared.cgroup, prepared.network, prepared.scratch, exited=True)
 
     def release_later(
         self, cgroup: Cgroup, network: InstanceNetwork | None, scratch: ScratchVolume | None, *, exited: bool
@@ -335,6 +524,14 @@ class LinuxSandboxFactory:
                 log.exception("releasing an instance's /tmp failed")
 
     async def close(self) -> None:
+        self._closing = True
+        for task in [t for t in self._tasks if t.get_name().startswith("hxb-prepare-")]:
+            task.cancel()
+        # Prepared sandboxes exit when their assignment socket closes; their resources are
+        # released as the zygote reports them gone (or when it is closed below).
+        for ready in self._ready.values():
+            for prepared in ready:
+                prepared.assign.close()
         for zygote in list(self._zygotes.values()):
             await zygote.close()
         self._zygotes.clear()

@@ -88,16 +88,19 @@ class ZygoteClient:
             ) from None
         return client
 
-    async def spawn(self, request: Mapping[str, Any], fds: Sequence[int], on_exit: ExitCallback) -> int:
-        """Asks for one instance; returns its pid (the init of its PID namespace). `on_exit`
-        is called with the runtime's wait status when it is gone."""
+    async def spawn(
+        self, request: Mapping[str, Any], fds: Sequence[int], on_exit: ExitCallback, *, op: str = "spawn"
+    ) -> int:
+        """Asks for one instance (op "spawn", fds: control and log) or a sandbox prepared ahead
+        of demand (op "prepare", fd: its assignment socket); returns its pid (the init of its
+        PID namespace). `on_exit` is called with the runtime's wait status when it is gone."""
         if not self.alive:
             raise SandboxSpawnError(f"the {self.runtime.name} zygote is not running")
         instance_id = str(request["id"])
         future: asyncio.Future[int] = self._loop.create_future()
         self._spawns[instance_id] = future
         self._exits[instance_id] = on_exit
-        payload = json.dumps({"op": "spawn", **request}).encode()
+        payload = json.dumps({**request, "op": op}).encode()
         try:
             # A SEQPACKET message of a few KB into an idle socket: sent at once or not at all.
             self._sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])

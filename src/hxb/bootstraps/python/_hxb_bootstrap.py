@@ -139,8 +139,22 @@ class LambdaContext(object):
 _current_request_id = [""]
 
 
+_LOG_HANDLER = []
+
+
+def prepare_logging():
+    """Installs the runtime's log handler ahead of the function (a zygote's child does it
+    before it knows its function); `_install_logging` then only sets the level."""
+    _install_logging("INFO")
+
+
 def _install_logging(level_name):
     import logging
+
+    root = logging.getLogger()
+    if _LOG_HANDLER:
+        root.setLevel(_LEVELS.get(level_name.upper(), 20))
+        return
 
     class _RequestIdFilter(logging.Filter):
         def filter(self, record):
@@ -160,7 +174,7 @@ def _install_logging(level_name):
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter("[%(levelname)s]\t%(asctime)s\t%(aws_request_id)s\t%(message)s"))
     handler.addFilter(_RequestIdFilter())
-    root = logging.getLogger()
+    _LOG_HANDLER.append(handler)
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)

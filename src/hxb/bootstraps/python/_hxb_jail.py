@@ -138,6 +138,13 @@ def build_root(spec):
     """Makes the sandbox's file system in a fresh tmpfs at spec["root_mount"] and pivots into
     it. Everything of the host it shows is bound read-only; /tmp is the instance's scratch
     volume; /proc belongs to the new PID namespace (this process is its PID 1)."""
+    build_base_root(spec)
+    finish_root(spec)
+
+
+def build_base_root(spec):
+    """Everything of the root that does not depend on the function: done ahead of demand for a
+    prepared sandbox, which then waits for its function (see `finish_root`)."""
     root = spec["root_mount"]
     # Nothing mounted from here on propagates back to the host, and host mounts stop
     # propagating in.
@@ -153,11 +160,9 @@ def build_root(spec):
         if os.path.isdir(host_dir):
             bind_readonly(host_dir, _mkdirs(root, host_dir))
 
-    bind_readonly(spec["task_root"], _mkdirs(root, "/var/task"))
+    _mkdirs(root, "/var/task")
     bind_readonly(spec["runtime_root"], _mkdirs(root, "/var/runtime"))
-    opt = _mkdirs(root, "/opt")
-    if spec.get("opt_root"):
-        bind_readonly(spec["opt_root"], opt)
+    _mkdirs(root, "/opt")
 
     tmp = _mkdirs(root, "/tmp", 0o1777)
     if spec.get("tmp_volume"):
@@ -171,13 +176,23 @@ def build_root(spec):
     _mkdirs(root, "/proc")
     _mkdirs(root, "/var/tmp", 0o1777)
     _mkdirs(root, "/run", 0o755)
+    _mkdirs(root, "/.oldroot", 0o700)
 
-    old = _mkdirs(root, "/.oldroot", 0o700)
+
+def finish_root(spec):
+    """The function's code and layers, then the pivot into the new root: from here on the
+    process sees nothing of the host."""
+    root = spec["root_mount"]
+    bind_readonly(spec["task_root"], os.path.join(root, "var/task"))
+    if spec.get("opt_root"):
+        bind_readonly(spec["opt_root"], os.path.join(root, "opt"))
+    old = os.path.join(root, ".oldroot")
     _check(_libc.syscall(_SYS_PIVOT_ROOT[platform.machine()], _b(root), _b(old)), "pivot_root")
     os.chdir("/")
     _check(_libc.umount2(b"/.oldroot", MNT_DETACH), "umount old root")
     os.rmdir("/.oldroot")
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _write("/", "/etc/hostname", spec["hostname"] + "\n")
     # The root tmpfs itself becomes read-only: the instance writes only to /tmp.
     mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
@@ -196,7 +211,6 @@ def _build_etc(root, spec):
     )
     _write(root, "/etc/group", "root:x:0:\nsbx_user1051:x:{}:\n".format(gid))
     _write(root, "/etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
-    _write(root, "/etc/hostname", spec["hostname"] + "\n")
     _write(root, "/etc/nsswitch.conf", "passwd: files\ngroup: files\nhosts: files dns\nnetworks: files\n")
     resolvers = "".join("nameserver {}\n".format(ns) for ns in spec.get("nameservers", ()))
     _write(root, "/etc/resolv.conf", resolvers or "# no network\n")

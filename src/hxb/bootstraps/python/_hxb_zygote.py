@@ -97,19 +97,17 @@ class Zygote(object):
                 if not data:
                     return  # the platform is gone: our children die with us (PDEATHSIG)
                 request = json.loads(data)
-                if request.get("op") == "spawn":
+                expected = {"spawn": 2, "prepare": 1}.get(request.get("op"))
+                if expected is not None and len(fds) == expected:
                     self.spawn(request, fds)
                 else:
                     for fd in fds:
                         os.close(fd)
+                    _send(self.sock, {"op": "failed", "id": request.get("id"), "error": "bad request"})
 
     def spawn(self, request, fds):
-        if len(fds) != 2:
-            for fd in fds:
-                os.close(fd)
-            _send(self.sock, {"op": "failed", "id": request.get("id"), "error": "expected 2 fds"})
-            return
-        control_fd, log_fd = fds
+        """ "spawn" (fds: control, log): an instance now. "prepare" (fds: the assignment socket):
+        a sandbox made ahead of demand, which waits there for its function."""
         status_r, status_w = os.pipe()
         try:
             # The next child is PID 1 of a namespace of its own; then back to ours, so that
@@ -124,15 +122,14 @@ class Zygote(object):
             if pid != 0:
                 jail.setns(self.own_pidns, jail.CLONE_NEWPID)
         except (OSError, jail.JailError) as exc:
-            for fd in (control_fd, log_fd, status_r, status_w):
+            for fd in (*fds, status_r, status_w):
                 os.close(fd)
             _send(self.sock, {"op": "failed", "id": request["id"], "error": str(exc)})
             return
         if pid == 0:
-            _child(self, request, control_fd, log_fd, status_w)  # never returns
-        os.close(control_fd)
-        os.close(log_fd)
-        os.close(status_w)
+            _child(self, request, fds, status_w)  # never returns
+        for fd in (*fds, status_w):
+            os.close(fd)
         self.children[pid] = (request["id"], status_r)
         _send(self.sock, {"op": "spawned", "id": request["id"], "pid": pid})
 
@@ -157,32 +154,68 @@ class Zygote(object):
             _send(self.sock, {"op": "exited", "id": instance_id, "status": status})
 
 
-def _child(zygote, request, control_fd, log_fd, status_w):
-    """The instance's init (PID 1 of its namespace). Never returns."""
+def _child(zygote, request, fds, status_w):
+    """The instance's init (PID 1 of its namespace). Never returns.
+
+    Prepare phase (ahead of demand for "prepare"): join the cgroup, enter the namespaces,
+    build the root but for the function's code, and fork the runtime, which drops its
+    privileges and loads the seccomp filter at once and then waits. Assignment: the code is
+    bound in, the root pivoted to, and the runtime handed its environment and channels: the
+    only steps left on the path of a cold start."""
     code = SETUP_FAILED_EXIT
+    control_fd = fds[0] if request["op"] == "spawn" else -1
     try:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
         jail.prctl(jail.PR_SET_PDEATHSIG, signal.SIGKILL)
-        keep = {control_fd, log_fd, status_w}
-        _close_all_but(keep)
+        _close_all_but({*fds, status_w})
         jail.set_process_name("hxb-init")
         jail.join_cgroup(request.get("cgroup_procs", ()))
         jail.enter_namespaces(request.get("netns"))
-        jail.build_root(request)
-        jail.set_hostname(request["hostname"])
+        jail.build_base_root(request)
+        to_runtime, from_init = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         runtime_pid = os.fork()
         if runtime_pid == 0:
+            to_runtime.close()
             os.close(status_w)
-            _runtime(zygote, request, control_fd, log_fd)  # never returns
+            for fd in fds:
+                os.close(fd)
+            _runtime(zygote, request, from_init)  # never returns
+        from_init.close()
+        if request["op"] == "prepare":
+            assignment, (control_fd, log_fd) = _wait_assignment(fds[0], runtime_pid)
+            request = dict(request, **assignment)
+        else:
+            control_fd, log_fd = fds
+        jail.finish_root(request)
+        jail.set_hostname(request["hostname"])
+        _send_fds(to_runtime, {"env": request["env"]}, [control_fd, log_fd])
+        to_runtime.close()
         os.close(control_fd)
         os.close(log_fd)
         _init_loop(runtime_pid, status_w)
     except BaseException as exc:  # noqa: B036 -- the child must never fall back into the zygote's loop
-        _report_setup_failure(control_fd, exc)
+        if control_fd >= 0:
+            _report_setup_failure(control_fd, exc)
     finally:
         os._exit(code)
+
+
+def _send_fds(sock, message, fds):
+    sock.sendmsg([json.dumps(message).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+def _wait_assignment(sock_fd, runtime_pid):
+    """Blocks until the platform hands this prepared sandbox a function (JSON, with the
+    instance's control and log fds); the platform closing the socket instead means: exit
+    (the runtime waiting for its function is killed with this namespace)."""
+    sock = socket.socket(fileno=sock_fd)
+    data, fds = _recv(sock)
+    sock.close()
+    if not data or len(fds) != 2:
+        os._exit(0)
+    return json.loads(data), fds
 
 
 def _close_all_but(keep):
@@ -228,18 +261,25 @@ def _forward(pid, sig):
         os.kill(pid, sig)
 
 
-def _runtime(zygote, request, control_fd, log_fd):
-    """PID 2: becomes the unprivileged sandbox user and runs the handler. Never returns."""
+def _runtime(zygote, request, from_init):
+    """PID 2: becomes the unprivileged sandbox user, then waits for its function (from the
+    init, once the code is in place) and runs the handler. Never returns."""
     code = 1
     try:
-        _arrange_fds(control_fd, log_fd)
         jail.set_process_name("hxb-runtime")
         jail.drop_privileges(request["uid"], request["gid"], request.get("nofile", 1024))
         # Cleared by the change of credentials: set again, so the runtime dies with its init.
         jail.prctl(jail.PR_SET_PDEATHSIG, signal.SIGKILL)
         jail.apply_seccomp(zygote.seccomp)
+        bootstrap.prepare_logging()
+        data, fds = _recv(from_init)
+        from_init.close()
+        if not data or len(fds) != 2:
+            os._exit(0)  # the sandbox was discarded before it got a function
+        assignment = json.loads(data)
+        _arrange_fds(*fds)
         os.environ.clear()
-        os.environ.update(request["env"])
+        os.environ.update(assignment["env"])
         os.environ["_HXB_OPT_ROOT"] = "/opt"
         sys.path[:] = ["/var/runtime"] + [p for p in sys.path if p and not p.startswith(request["runtime_root"])]
         os.chdir("/var/task")
