@@ -52,14 +52,29 @@ def _candidate_dirs(extra: Sequence[str]) -> list[Path]:
     dirs += [base, Path("/usr/bin"), Path("/usr/local/bin")]
     for root in {os.environ.get("PYENV_ROOT", ""), str(Path.home() / ".pyenv")}:
         if root:
-            dirs += sorted(Path(root).glob("versions/*/bin"))
+            dirs += sorted(_glob_quietly(Path(root), "versions/*/bin"))
     seen: set[Path] = set()
     unique: list[Path] = []
     for d in dirs:
-        if d not in seen and d.is_dir() and "shims" not in d.parts:
+        if d not in seen and _is_dir(d) and "shims" not in d.parts:
             seen.add(d)
             unique.append(d)
     return unique
+
+
+def _is_dir(path: Path) -> bool:
+    # A directory this user may not look into (another user's pyenv) is simply not a candidate.
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _glob_quietly(root: Path, pattern: str) -> list[Path]:
+    try:
+        return list(root.glob(pattern))
+    except OSError:
+        return []
 
 
 def _candidates(dirs: Iterable[Path]) -> list[tuple[int, Path]]:
