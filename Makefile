@@ -51,6 +51,7 @@ check: test
 
 bench: install
 	$(BIN)/python benchmarks/bench_core.py
+	$(BIN)/python benchmarks/bench_sandbox.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

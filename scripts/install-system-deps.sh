@@ -8,7 +8,7 @@ set -euo pipefail
 packages=(python3 python3-venv python3-dev gcc make zip unzip procps
           iproute2 nftables util-linux mount e2fsprogs libseccomp2)
 if [[ "${1:-}" == "--test" ]]; then
-    packages+=(wrk)
+    packages+=(wrk bubblewrap)
 fi
 
 missing=()
