@@ -9,6 +9,10 @@ packages=(python3 python3-venv python3-dev gcc make zip unzip procps
           iproute2 nftables util-linux mount e2fsprogs libseccomp2)
 if [[ "${1:-}" == "--test" ]]; then
     packages+=(wrk bubblewrap)
+    # The PostgreSQL store is tested against a real server the tests start; any initdb will do.
+    if ! compgen -G "/usr/local/bin/initdb" >/dev/null && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+        packages+=(postgresql)
+    fi
 fi
 
 missing=()
