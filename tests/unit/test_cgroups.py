@@ -152,18 +152,17 @@ LIMITS_128 = limits_for(128)
 @pytest.mark.parametrize(
     ("memory_mb", "quota_us"),
     [
-        (128, 7236),  # 7235.73
-        (1769, 100_000),  # one vCPU
-        # 170039.57: the brief said 170039 (truncated) but 7236 for 128 MB (rounded); one rule
-        # cannot give both, and nearest is the one that never drifts more than half a microsecond.
-        (3008, 170_040),
-        (10_240, 578_858),  # 578858.11
+        (128, 1447),  # 1447.15 of every 20 ms
+        (1769, 20_000),  # one vCPU
+        # Nearest microsecond, never truncated: it never drifts more than half a microsecond.
+        (3008, 34_008),  # 34007.91
+        (10_240, 115_772),  # 115771.62
     ],
 )
 def test_limits_for_scales_cpu_quota_with_memory(memory_mb: int, quota_us: int) -> None:
     limits = limits_for(memory_mb)
     assert limits == CgroupLimits(
-        memory_bytes=memory_mb * MIB, cpu_quota_us=quota_us, cpu_period_us=100_000, pids_max=1024
+        memory_bytes=memory_mb * MIB, cpu_quota_us=quota_us, cpu_period_us=20_000, pids_max=1024
     )
 
 
@@ -251,7 +250,7 @@ def test_detect_finds_co_mounted_v1_controllers_by_their_mount_name(tmp_path: Pa
     driver = fs.driver()
     group = driver.create("abc", LIMITS_128)
     cpu_dir = next(group_dir(p) for p in group.join_paths() if "cpu,cpuacct" in p)
-    assert read(cpu_dir / "cpu.cfs_quota_us") == "7236"
+    assert read(cpu_dir / "cpu.cfs_quota_us") == "1447"
 
 
 def test_detect_rejects_a_prefix_that_is_not_one_path_component(tmp_path: Path) -> None:
@@ -282,8 +281,8 @@ def test_v1_limits_go_to_memory_memsw_cfs_and_pids_files(tmp_path: Path) -> None
     assert read(dirs["memory"] / "memory.limit_in_bytes") == "134217728"
     assert read(dirs["memory"] / "memory.memsw.limit_in_bytes") == "134217728"
     assert not (dirs["memory"] / "memory.swappiness").exists()
-    assert read(dirs["cpu"] / "cpu.cfs_period_us") == "100000"
-    assert read(dirs["cpu"] / "cpu.cfs_quota_us") == "7236"
+    assert read(dirs["cpu"] / "cpu.cfs_period_us") == "20000"
+    assert read(dirs["cpu"] / "cpu.cfs_quota_us") == "1447"
     assert read(dirs["pids"] / "pids.max") == "1024"
 
 
@@ -303,8 +302,8 @@ def test_v1_unlimited_cpu_writes_minus_one(tmp_path: Path) -> None:
 
 def test_v1_set_cpu_quota_later(tmp_path: Path) -> None:
     group = FakeCgroupFs.v1(tmp_path).driver().create("abc", CgroupLimits(memory_bytes=MIB, cpu_quota_us=None))
-    group.set_cpu_quota(7236)
-    assert read(v1_dirs(group)["cpu"] / "cpu.cfs_quota_us") == "7236"
+    group.set_cpu_quota(1447)
+    assert read(v1_dirs(group)["cpu"] / "cpu.cfs_quota_us") == "1447"
     group.set_cpu_quota(None)
     assert read(v1_dirs(group)["cpu"] / "cpu.cfs_quota_us") == "-1"
 
@@ -354,14 +353,14 @@ def test_v2_limits_go_to_memory_swap_oom_group_cpu_and_pids_files(tmp_path: Path
     assert read(d / "memory.max") == "134217728"
     assert read(d / "memory.swap.max") == "0"
     assert read(d / "memory.oom.group") == "1"
-    assert read(d / "cpu.max") == "7236 100000"
+    assert read(d / "cpu.max") == "1447 20000"
     assert read(d / "pids.max") == "1024"
 
 
 def test_v2_unlimited_cpu_writes_max(tmp_path: Path) -> None:
     limits = CgroupLimits(memory_bytes=MIB, cpu_quota_us=None)
     (join_path,) = FakeCgroupFs.v2(tmp_path).driver().create("abc", limits).join_paths()
-    assert read(group_dir(join_path) / "cpu.max") == "max 100000"
+    assert read(group_dir(join_path) / "cpu.max") == "max 20000"
 
 
 def test_v2_writes_optional_files_only_where_the_kernel_has_them(tmp_path: Path) -> None:
@@ -374,10 +373,10 @@ def test_v2_writes_optional_files_only_where_the_kernel_has_them(tmp_path: Path)
 
 def test_v2_set_cpu_quota_later(tmp_path: Path) -> None:
     group = FakeCgroupFs.v2(tmp_path).driver().create("abc", CgroupLimits(memory_bytes=MIB, cpu_quota_us=None))
-    group.set_cpu_quota(7236)
-    assert read(group_dir(group.join_paths()[0]) / "cpu.max") == "7236 100000"
+    group.set_cpu_quota(1447)
+    assert read(group_dir(group.join_paths()[0]) / "cpu.max") == "1447 20000"
     group.set_cpu_quota(None)
-    assert read(group_dir(group.join_paths()[0]) / "cpu.max") == "max 100000"
+    assert read(group_dir(group.join_paths()[0]) / "cpu.max") == "max 20000"
 
 
 def test_v2_set_cpu_quota_rejects_less_than_a_millisecond(tmp_path: Path) -> None:
@@ -443,8 +442,8 @@ def test_a_failed_write_names_the_file_and_the_value(tmp_path: Path) -> None:
     cpu_max.unlink()
     cpu_max.mkdir()  # a directory cannot be written: EISDIR
     with pytest.raises(CgroupError) as caught:
-        group.set_cpu_quota(7236)
-    assert str(caught.value) == f"cannot write 7236 100000 to {cpu_max}: Is a directory"
+        group.set_cpu_quota(1447)
+    assert str(caught.value) == f"cannot write 1447 20000 to {cpu_max}: Is a directory"
     assert caught.value.path == cpu_max
     assert isinstance(caught.value, PlatformError)
 

@@ -282,7 +282,7 @@ def test_cleanup_stale_removes_the_groups_of_a_platform_that_was_killed(
 
 def test_cpu_quota_set_later_throttles_a_busy_loop(make_group: MakeGroup) -> None:
     group = make_group("cpu", cpu_quota_us=None)  # init runs unthrottled...
-    group.set_cpu_quota(10_000)  # ...then 10 ms per 100 ms period
+    group.set_cpu_quota(10_000)  # ...then 10 ms per 20 ms period
 
     def spin() -> int:
         deadline = time.monotonic() + 0.5
