@@ -253,7 +253,24 @@ def host_leftovers(data_dir: Path) -> list[str]:
         for line in Path("/proc/self/mountinfo").read_text().splitlines()
         if line.split()[4].startswith(scratch)
     ]
+    found += [f"cgroup {path}" for path in _cgroup_dirs(f"hxb-{platform_id}") if path.exists()]
     return found
+
+
+def _cgroup_dirs(prefix: str) -> list[Path]:
+    """Where the platform's cgroup driver makes its groups, in every hierarchy."""
+    from hxb.errors import SandboxUnavailableError
+    from hxb.sandbox.cgroups import CgroupDriver
+
+    try:
+        info = CgroupDriver.detect(prefix=prefix).describe()
+    except SandboxUnavailableError:
+        return []
+    groups_under: dict[str, str] = info["groups_under"]  # type: ignore[assignment]
+    dirs = {Path(p) for p in groups_under.values()}
+    if "platform_leaf" in info:
+        dirs.add(Path(str(info["platform_leaf"])))
+    return sorted(dirs)
 
 
 def server_env(**overrides: str) -> dict[str, str]:

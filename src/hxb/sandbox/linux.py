@@ -21,7 +21,7 @@ import signal
 import socket
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -532,16 +532,25 @@ class LinuxSandboxFactory:
         for ready in self._ready.values():
             for prepared in ready:
                 prepared.assign.close()
+        # Every step runs even when one before it failed (a data dir deleted under a running
+        # platform, say): each releases something of its own on the host.
         for zygote in list(self._zygotes.values()):
-            await zygote.close()
+            await _logged("stopping a zygote", zygote.close)
         self._zygotes.clear()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._network is not None:
-            await self._network.close()
+            await _logged("closing the network", self._network.close)
         if self._scratch is not None:
-            await self._scratch.close()
+            await _logged("closing the /tmp volumes", self._scratch.close)
         self._cgroups.close()
+
+
+async def _logged(what: str, step: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await step()
+    except Exception:  # a boundary: shutdown goes on
+        log.exception("%s failed", what)
 
 
 def _platform_id(data_dir: Path) -> str:
