@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import textwrap
 import threading
 import uuid
@@ -206,6 +207,61 @@ def test_an_instance_can_neither_see_nor_signal_other_processes(hxb_server: HxbS
     assert seen["hit"] == {"1": "EPERM"}  # its init, root-owned; nothing else exists for it
     assert ok(hxb_server.invoke(victim)) == victim_id
     assert set(victim_pids) <= set(instance_pids(victim_id))
+    assert_canary_ok(hxb_server, canary)
+
+
+NAMESPACES = ("mnt", "pid", "ipc", "uts", "net")
+# Module-level code runs when the user's code is imported: what it sees there is where the
+# instance already was before any user code ran.
+AT_IMPORT = """
+AT_IMPORT = {
+    "ns": {kind: os.readlink(f"/proc/self/ns/{kind}") for kind in ("mnt", "pid", "ipc", "uts", "net")},
+    "cgroup": open("/proc/self/cgroup").read(),
+}
+
+def handler(event, context):
+    time.sleep(event.get("hold", 0))
+    return {"instance": instance_id(), "at_import": AT_IMPORT, "hostname": socket.gethostname()}
+"""
+
+
+def cgroup_paths(proc_self_cgroup: str) -> dict[str, str]:
+    """controller -> group path, from /proc/PID/cgroup (v2's single line is `unified`)."""
+    paths: dict[str, str] = {}
+    for line in proc_self_cgroup.splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else ["unified"]:
+            paths[controller] = path
+    return paths
+
+
+def test_each_instance_has_its_own_namespaces_and_cgroup_before_its_code_is_imported(
+    hxb_server: HxbServer, canary: str
+) -> None:
+    name = unique("hostile-ns")
+    hxb_server.deploy(name, code(AT_IMPORT), memory=256)
+    results: list[Any] = []
+
+    def invoke() -> None:
+        results.append(ok(hxb_server.invoke(name, {"hold": 1.0})))
+
+    threads = [threading.Thread(target=invoke) for _ in range(2)]  # two at once: two instances
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    first, second = results
+    assert first["instance"] != second["instance"]
+
+    host = {kind: os.readlink(f"/proc/self/ns/{kind}") for kind in NAMESPACES}
+    for seen in (first, second):
+        namespaces = seen["at_import"]["ns"]
+        assert [kind for kind in NAMESPACES if namespaces[kind] == host[kind]] == [], seen
+        paths = cgroup_paths(seen["at_import"]["cgroup"])
+        limited = ("memory", "cpu", "pids") if "memory" in paths else ("unified",)
+        assert all(paths[c].endswith(seen["instance"]) for c in limited), seen
+        assert seen["hostname"] != socket.gethostname()
+    assert [kind for kind in NAMESPACES if first["at_import"]["ns"][kind] == second["at_import"]["ns"][kind]] == []
     assert_canary_ok(hxb_server, canary)
 
 
