@@ -62,6 +62,7 @@ class HxbServer:
     env: dict[str, str]
     cwd: Path | None = None
     pass_fds: tuple[int, ...] = ()
+    terminal: int | None = None  # a tty (fd) to run the server on, as its controlling terminal
     process: subprocess.Popen[str] | None = None
     endpoint: str = ""
     output: list[str] = field(default_factory=list)
@@ -78,6 +79,8 @@ class HxbServer:
             cwd=self.cwd,
             pass_fds=self.pass_fds,
             start_new_session=True,
+            stdin=self.terminal,
+            preexec_fn=_take_controlling_terminal if self.terminal is not None else None,
         )
         deadline = time.monotonic() + timeout_s
         assert self.process.stdout is not None
@@ -273,6 +276,15 @@ def _cgroup_dirs(prefix: str) -> list[Path]:
     return sorted(dirs)
 
 
+def _take_controlling_terminal() -> None:
+    """In the child, after setsid: stdin (a tty) becomes the session's controlling terminal, as
+    when an operator runs `hxb serve` in a shell."""
+    import fcntl
+    import termios
+
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 def server_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HXB_")}
     env.update(overrides)
@@ -285,10 +297,19 @@ def hxb_server_factory(tmp_path: Path) -> Iterator[Any]:
     started: list[HxbServer] = []
 
     def start(
-        *args: str, data_dir: Path | None = None, cwd: Path | None = None, pass_fds: tuple[int, ...] = (), **env: str
+        *args: str,
+        data_dir: Path | None = None,
+        cwd: Path | None = None,
+        pass_fds: tuple[int, ...] = (),
+        terminal: int | None = None,
+        **env: str,
     ) -> HxbServer:
         server = HxbServer(
-            data_dir=data_dir or tmp_path / f"data{len(started)}", env=server_env(**env), cwd=cwd, pass_fds=pass_fds
+            data_dir=data_dir or tmp_path / f"data{len(started)}",
+            env=server_env(**env),
+            cwd=cwd,
+            pass_fds=pass_fds,
+            terminal=terminal,
         )
         started.append(server)
         return server.start(*args)

@@ -182,7 +182,7 @@ class LocalSandboxFactory:
                     (os.POSIX_SPAWN_DUP2, log_w, 2),
                     (os.POSIX_SPAWN_DUP2, child_sock.fileno(), CONTROL_FD),
                 ],
-                setpgroup=0,
+                setsid=True,  # its own session and process group; never the server's terminal
             )
         except OSError:
             parent_sock.close()

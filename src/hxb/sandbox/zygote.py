@@ -55,7 +55,8 @@ class ZygoteClient:
         argv = [str(runtime.executable), "-I", "-S", "-u", "-c", code]
         try:
             # posix_spawn is vfork + exec: fine on the event loop. The zygote gets only stdio
-            # and its socket, on fd 3.
+            # and its socket, on fd 3, and a session of its own: no instance may inherit the
+            # terminal `hxb serve` was started from (it could type into it, or read it).
             pid = os.posix_spawn(  # noqa: ASYNC221
                 argv[0],
                 argv,
@@ -66,7 +67,7 @@ class ZygoteClient:
                     (os.POSIX_SPAWN_DUP2, out_w, 2),
                     (os.POSIX_SPAWN_DUP2, child.fileno(), 3),
                 ],
-                setpgroup=0,
+                setsid=True,
             )
         finally:
             child.close()

@@ -573,6 +573,34 @@ def test_filling_tmp_stops_at_its_size_without_costing_memory(hxb_server: HxbSer
 # --- 11-12: privileges and kernel interfaces --------------------------------------------------------
 
 
+def test_an_instance_cannot_reach_the_operators_terminal(hxb_server_factory: Any) -> None:
+    # `hxb serve` run from a shell has that shell's terminal; an instance that inherited it
+    # could type into it (TIOCSTI) or read what the operator types.
+    primary, secondary = os.openpty()
+    try:
+        server: HxbServer = hxb_server_factory(terminal=secondary)
+        name = unique("hostile-tty")
+        server.deploy(
+            name,
+            code(
+                """
+                def handler(event, context):
+                    with open("/proc/self/stat") as fh:
+                        tty_nr = int(fh.read().rsplit(")", 1)[1].split()[4])
+                    return {"tty_nr": tty_nr, "open /dev/tty": attempt(os.open, "/dev/tty", os.O_RDWR)}
+                """
+            ),
+        )
+        seen = ok(server.invoke(name))
+        assert os.stat(secondary).st_rdev != 0
+    finally:
+        os.close(primary)
+        os.close(secondary)
+
+    assert seen["tty_nr"] == 0  # no controlling terminal
+    assert seen["open /dev/tty"] in ("ENOENT", "ENXIO")
+
+
 def test_an_instance_runs_unprivileged_and_cannot_become_root(hxb_server: HxbServer, canary: str) -> None:
     name = unique("hostile-uid")
     hxb_server.deploy(

@@ -236,7 +236,8 @@ def _build_etc(root, spec):
 def _build_dev(root):
     dev = _mkdirs(root, "/dev")
     mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=755")
-    for name in ("null", "zero", "full", "random", "urandom", "tty"):
+    # No /dev/tty: an instance has no controlling terminal (its zygote has its own session).
+    for name in ("null", "zero", "full", "random", "urandom"):
         target = os.path.join(dev, name)
         open(target, "w").close()
         mount("/dev/" + name, target, None, MS_BIND)
