@@ -491,6 +491,20 @@ def _original_ip_forward() -> str:
         return value
 
 
+async def _restore_ip_forward_if_last(tools: _Tools, own_table: str, original: str) -> None:
+    """Several platforms may share the host (one per data dir): the last one out restores the
+    host's own setting, which the first one in recorded."""
+    tables = await _run([tools.nft, "list", "tables"])
+    if any(
+        line.split()[-1].startswith(_TABLE_FAMILY_PREFIX) and line.split()[-1] != own_table
+        for line in tables.stdout.splitlines()
+        if line.startswith("table inet ")
+    ):
+        return
+    IP_FORWARD_SYSCTL.write_text(original + "\n")  # two small /proc and /run writes
+    IP_FORWARD_ORIGINAL.unlink(missing_ok=True)  # noqa: ASYNC240
+
+
 def _leftovers(naming: Naming) -> list[str]:
     found = [f"interface {name}" for _, name in socket.if_nameindex() if naming.owns_link(name)]
     if NETNS_DIR.is_dir():
@@ -850,19 +864,10 @@ class NetworkManager:
         deleted = await _run([self._tools.nft, "delete", "table", "inet", self._naming.table])
         if deleted.returncode != 0:
             results.append(SandboxSpawnError(f"nft could not delete table inet {self._naming.table}: {deleted.stderr}"))
-        # Several platforms may share the host (one per data dir): the last one out restores
-        # the host's own setting, which the first one in recorded.
-        others = await _run([self._tools.nft, "list", "tables"])
-        if not any(
-            line.split()[-1].startswith(_TABLE_FAMILY_PREFIX) and line.split()[-1] != self._naming.table
-            for line in others.stdout.splitlines()
-            if line.startswith("table inet ")
-        ):
-            try:  # two small /proc and /run writes
-                IP_FORWARD_SYSCTL.write_text(self._ip_forward_before + "\n")
-                IP_FORWARD_ORIGINAL.unlink(missing_ok=True)  # noqa: ASYNC240
-            except OSError as exc:
-                results.append(exc)
+        try:
+            await _restore_ip_forward_if_last(self._tools, self._naming.table, self._ip_forward_before)
+        except OSError as exc:
+            results.append(exc)
         failures = [result for result in results if result is not None]
         for failure in failures:
             log.error("closing the instance network failed", extra={"error": str(failure)})
@@ -872,9 +877,9 @@ class NetworkManager:
     @staticmethod
     async def cleanup_stale(name_prefix: str = "hxb") -> int:
         """Removes what a killed platform left: our table, and the interfaces and namespaces
-        named with `name_prefix`. Only call it when no platform with that prefix runs. Forwarding
-        is left as it is: the value from before that platform is lost. Returns how many objects
-        were removed."""
+        named with `name_prefix`. Only call it when no platform with that prefix runs. When no
+        other platform's table is left, forwarding gets back the host's own setting. Returns
+        how many objects were removed."""
         naming = Naming.parse(name_prefix, slots=1)
         _check_capabilities()
         tools = _find_tools()
@@ -883,6 +888,12 @@ class NetworkManager:
         if f"table inet {naming.table}" in tables.stdout.splitlines():
             await _check([tools.nft, "delete", "table", "inet", naming.table])
             removed += 1
+        try:
+            recorded: str | None = IP_FORWARD_ORIGINAL.read_text().strip()  # noqa: ASYNC240
+        except FileNotFoundError:
+            recorded = None
+        if recorded is not None:
+            await _restore_ip_forward_if_last(tools, naming.table, recorded)
         links = [name for _, name in socket.if_nameindex() if naming.owns_link(name)]
         namespaces = sorted(n for n in os.listdir(NETNS_DIR) if naming.owns_netns(n)) if NETNS_DIR.is_dir() else []
         script = "".join(f"link del {name}\n" for name in links) + "".join(f"netns del {n}\n" for n in namespaces)

@@ -22,7 +22,14 @@ from pathlib import Path
 import pytest
 
 from hxb.errors import SandboxUnavailableError
-from hxb.sandbox.network import IP_FORWARD_SYSCTL, NETNS_DIR, InstanceNetwork, NetworkManager, NetworkStatistics
+from hxb.sandbox.network import (
+    IP_FORWARD_ORIGINAL,
+    IP_FORWARD_SYSCTL,
+    NETNS_DIR,
+    InstanceNetwork,
+    NetworkManager,
+    NetworkStatistics,
+)
 from hxb.spec import EgressRule
 
 PREFIX = "hxbt"  # not the platform's "hxb": a platform running on this host is never touched
@@ -170,7 +177,9 @@ def _host_ipv4_addresses() -> list[str]:
 
 @pytest.fixture(autouse=True)
 async def no_leftovers() -> AsyncIterator[None]:
-    """Restores forwarding and removes whatever a test left, even when it failed."""
+    """Restores forwarding and removes whatever a test (or a run killed half-way) left, even
+    when it failed. The prefix is this module's own: no platform uses it."""
+    await NetworkManager.cleanup_stale(PREFIX)
     before = IP_FORWARD_SYSCTL.read_text()
     yield
     await NetworkManager.cleanup_stale(PREFIX)
@@ -431,13 +440,17 @@ def _kill_a_platform_with_networks() -> None:
 
 
 async def test_cleanup_stale_removes_what_a_killed_platform_left() -> None:
+    IP_FORWARD_SYSCTL.write_text("0\n")
     _kill_a_platform_with_networks()
     assert _table_exists()
+    assert IP_FORWARD_SYSCTL.read_text().strip() == "1"
 
     removed = await NetworkManager.cleanup_stale(PREFIX)
 
     assert removed == 1 + 3 + 3  # the table, three veths, three namespaces
     assert not _table_exists()
+    assert IP_FORWARD_SYSCTL.read_text().strip() == "0"  # no other platform: the host's own again
+    assert not IP_FORWARD_ORIGINAL.exists()
     assert not [name for name in os.listdir(NETNS_DIR) if name.startswith(f"{PREFIX}-")]
     assert not [name for name in os.listdir("/sys/class/net") if name.startswith(f"{PREFIX}v")]
     assert await NetworkManager.cleanup_stale(PREFIX) == 0
