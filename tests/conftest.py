@@ -243,7 +243,7 @@ def wait_instance_gone(instance_id: str, timeout_s: float = 10.0) -> list[int]:
 
 def host_leftovers(data_dir: Path) -> list[str]:
     """The linux sandbox's objects of the platform with this data dir still on the host."""
-    platform_id = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:4]  # noqa: S324 -- a name
+    platform_id = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:6]  # noqa: S324 -- a name
     found: list[str] = []
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False).stdout
     found += [line for line in tables.splitlines() if line.endswith(f" hx{platform_id}")]

@@ -211,6 +211,13 @@ class StoreError(PlatformError):
     error_type = "Platform.Store"
 
 
+class DataDirInUseError(PlatformError):
+    """Another `hxb serve` runs on this data dir: two platforms would take each other's
+    instances, code and sandbox objects."""
+
+    error_type = "Platform.DataDirInUse"
+
+
 class SandboxUnavailableError(PlatformError):
     """An isolation feature this host lacks (no root, no cgroup controller, no loop device...);
     the message names what is missing and, when it is obvious, how to get it."""

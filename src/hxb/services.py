@@ -15,7 +15,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from hxb._locks import HostLock, LockHeld
 from hxb.config import Settings
+from hxb.errors import DataDirInUseError
 from hxb.logs.sink import LogSink
 from hxb.models import FunctionRevision
 from hxb.packaging import PackageLimits, pack_directory
@@ -47,6 +49,7 @@ class Services:
     sandbox_degraded: list[str] = field(default_factory=list)
     load_problems: list[str] = field(default_factory=list)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _lock: HostLock | None = None
     _started: bool = False
 
     @property
@@ -59,6 +62,16 @@ class Services:
         settings = dataclasses.replace(settings, data_dir=settings.data_dir.resolve())
         data_dir = settings.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock_data_dir(data_dir)
+        try:
+            return await cls._open_locked(settings, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    async def _open_locked(cls, settings: Settings, lock: HostLock) -> Services:
+        data_dir = settings.data_dir
         # Left over by a platform that was killed: nothing in them is still in use.
         for leftover in ("instances", "uploads"):
             shutil.rmtree(data_dir / leftover, ignore_errors=True)
@@ -92,6 +105,7 @@ class Services:
             router=router,
             registry=registry,
             sandbox_degraded=choice.degraded,
+            _lock=lock,
         )
 
     async def start(self) -> None:
@@ -126,6 +140,8 @@ class Services:
                 await step()
             except Exception:  # a boundary: shutdown goes on
                 log.exception("stopping a component failed", extra={"component": step.__qualname__})
+        if self._lock is not None:
+            self._lock.release()
 
     async def _prune_logs_forever(self) -> None:
         while True:
@@ -146,3 +162,13 @@ class Services:
             await asyncio.to_thread(pack_directory, Path(str(source)), zip_path)
             revision, _ = await self.registry.deploy(self.settings.workspace, zip_path)
         return revision
+
+
+def _lock_data_dir(data_dir: Path) -> HostLock:
+    try:
+        return HostLock.acquire(data_dir / "hxb.lock", describe="hxb serve")
+    except LockHeld as held:
+        raise DataDirInUseError(
+            f"the data dir {data_dir} is in use by another hxb platform ({held.holder}):"
+            " stop it, or give this one its own --data-dir"
+        ) from None

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import INSTANCE_ID, HxbServer, instance_pids, wait_instance_gone
+from tests.conftest import (
+    HXB,
+    INSTANCE_ID,
+    HxbServer,
+    host_leftovers,
+    instance_pids,
+    server_env,
+    wait_instance_gone,
+)
 
 CHILDREN = f"""
 import os, subprocess
@@ -140,3 +149,38 @@ def test_a_relative_data_dir_works_like_the_quickstarts(hxb_server_factory: Any,
     server.deploy("relative", {"index.py": "def handler(e, c):\n    return 'ok'\n"})
     assert server.invoke("relative").json() == "ok"
     assert (tmp_path / ".hxb" / "hxb.db").exists()
+
+
+def test_a_second_platform_on_the_same_data_dir_is_refused_and_harms_nothing(
+    hxb_server_factory: Any, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    first: HxbServer = hxb_server_factory(data_dir=data_dir)
+    first.deploy("busy", {"index.py": f"import os\ndef handler(e, c):\n    return {INSTANCE_ID}\n"})
+    instance = first.invoke("busy").json()
+
+    second = subprocess.run(
+        [HXB, "serve", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=server_env(),
+    )
+    assert second.returncode != 0
+    assert f"the data dir {data_dir.resolve()} is in use by another hxb platform (pid {first.pid}" in second.stderr
+
+    with first.client() as c:
+        isolated = c.get("/v1/health").json()["sandbox"] == "linux"
+    tables_before = [o for o in host_leftovers(data_dir) if o.startswith("table")]
+    cleanup = subprocess.run(
+        [HXB, "sandbox", "cleanup", "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60
+    )
+    if isolated:
+        assert cleanup.returncode == 1
+        assert f"belong to a running platform (pid {first.pid}" in cleanup.stderr
+        assert tables_before
+        assert [o for o in host_leftovers(data_dir) if o.startswith("table")] == tables_before
+
+    # The running platform lost nothing: the same instance answers.
+    assert first.invoke("busy").json() == instance
+    assert instance_pids(instance)

@@ -264,7 +264,7 @@ class _GroupBase:
 
     def rename(self, name: str) -> None:
         """Gives the group its instance's name (a sandbox prepared ahead of demand learns it
-        late); cgroupfs renames a directory in place, its processes stay."""
+        late); cgroup v1 renames a directory in place, its processes stay."""
         _check_name("name", name)
         owner = self._unique_dirs[0].name.rsplit(".", 1)[0]
         renamed = {}
@@ -381,6 +381,12 @@ class V2Cgroup(_GroupBase):
     @property
     def _dir(self) -> Path:
         return self._unique_dirs[0]
+
+    def rename(self, name: str) -> None:
+        """cgroup v2 cannot rename a group (the kernel answers EPERM): the directory keeps the
+        name it was made with, only `name` changes."""
+        _check_name("name", name)
+        self._name = name
 
     def apply(self, limits: CgroupLimits) -> None:
         d = self._dir

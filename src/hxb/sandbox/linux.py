@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -26,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from hxb._locks import HostLock, LockHeld
 from hxb.config import SandboxSettings
 from hxb.errors import SandboxSpawnError, SandboxUnavailableError
 from hxb.runtimes import RuntimeCatalog, RuntimeInfo
 from hxb.sandbox.base import SandboxPaths, SandboxSpec
-from hxb.sandbox.cgroups import Cgroup, CgroupDriver, limits_for
+from hxb.sandbox.cgroups import Cgroup, CgroupDriver, CgroupError, limits_for
 from hxb.sandbox.network import InstanceNetwork, NetworkManager
 from hxb.sandbox.scratch import ScratchVolume, ScratchVolumes
 from hxb.sandbox.zygote import ZygoteClient
@@ -68,6 +70,14 @@ class _ExitRelay:
         self._sandbox = sandbox
         if self._pending is not None:
             sandbox.set_exited(self._pending)
+
+    def when_unattached(self, callback: Callable[[int], None]) -> None:
+        """`callback` gets the report, now if it came already (spawned and exited can arrive
+        in one batch), while no sandbox is attached."""
+        self.on_unattached_exit = callback
+        if self._pending is not None and self._sandbox is None:
+            status, self._pending = self._pending, None
+            callback(status)
 
 
 @dataclass(eq=False)
@@ -166,8 +176,10 @@ class LinuxSandbox:
         # Init ran unthrottled (as Lambda's init does); invocations get the quota that
         # scales with memory.
         if self._cpu_quota_us is not None:
-            with contextlib.suppress(OSError):
+            try:
                 self._cgroup.set_cpu_quota(self._cpu_quota_us)
+            except CgroupError as exc:  # the instance runs, but not throttled: say so
+                log.warning("cannot apply the CPU quota of instance %s: %s", self._instance_id, exc)
 
     def close(self) -> None:
         if self._closed:
@@ -205,6 +217,7 @@ class LinuxSandboxFactory:
         self._ready: dict[str, deque[_Prepared]] = {}
         self._refilling: set[str] = set()
         self._closing = False
+        self._lock: HostLock | None = None
 
     @classmethod
     async def open(
@@ -219,6 +232,24 @@ class LinuxSandboxFactory:
             )
         problems: list[str] = []
         platform_id = _platform_id(data_dir)
+        # Before anything is cleaned up: what looks stale may belong to a live platform.
+        lock = _lock_platform(platform_id, data_dir)
+        try:
+            return await cls._open_locked(settings, data_dir, catalog, platform_id, lock, problems)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    async def _open_locked(
+        cls,
+        settings: SandboxSettings,
+        data_dir: Path,
+        catalog: RuntimeCatalog,
+        platform_id: str,
+        lock: HostLock,
+        problems: list[str],
+    ) -> tuple[LinuxSandboxFactory, list[str]]:
         cgroups = CgroupDriver.detect(prefix=f"hxb-{platform_id}")
         cgroups.cleanup_stale()
         network: NetworkManager | None = None
@@ -239,6 +270,7 @@ class LinuxSandboxFactory:
         factory = cls(
             settings=settings, data_dir=data_dir, catalog=catalog, cgroups=cgroups, network=network, scratch=scratch
         )
+        factory._lock = lock
         return factory, problems
 
     @property
@@ -283,8 +315,11 @@ class LinuxSandboxFactory:
             if prepared is not None:
                 try:
                     return self._assign(prepared, spec)
-                except OSError:
-                    # Its init is gone (the zygote's report is on its way): make one now.
+                except (OSError, CgroupError) as exc:
+                    # Its init is gone (the zygote's report is on its way), or its cgroup
+                    # refused the function's limit: make a sandbox now.
+                    if isinstance(exc, CgroupError):
+                        log.warning("a prepared sandbox could not be assigned: %s", exc)
                     self._prepared_died(prepared)
         else:
             self._refill_later(spec.runtime)
@@ -296,8 +331,7 @@ class LinuxSandboxFactory:
         zygote = await self._zygote(spec.runtime)
         limits = limits_for(spec.memory_limit_mib, pids_max=self._settings.pids_max)
         # Created without the CPU quota: init runs unthrottled, `on_ready` applies it.
-        cgroup = self._cgroups.create(spec.instance_id, limits)
-        cgroup.set_cpu_quota(None)
+        cgroup = self._cgroups.create(spec.instance_id, dataclasses.replace(limits, cpu_quota_us=None))
         network: InstanceNetwork | None = None
         scratch: ScratchVolume | None = None
         parent_sock: socket.socket | None = None
@@ -398,8 +432,12 @@ class LinuxSandboxFactory:
         """Hands a prepared sandbox its function: the memory limit, then its code, environment
         and channels, in one message to its init."""
         limits = limits_for(spec.memory_limit_mib, pids_max=self._settings.pids_max)
-        prepared.cgroup.set_memory_limit(limits.memory_bytes)
-        prepared.cgroup.rename(spec.instance_id)
+        try:
+            prepared.cgroup.set_memory_limit(limits.memory_bytes)
+            prepared.cgroup.rename(spec.instance_id)
+        except CgroupError:
+            prepared.assign.close()  # its init exits; the zygote reports it gone
+            raise
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         log_r, log_w = os.pipe()
         try:
@@ -464,8 +502,7 @@ class LinuxSandboxFactory:
         prepared_id = "prep-" + uuid.uuid4().hex
         # The most memory a function may have; lowered to the function's at assignment.
         limits = limits_for(MEMORY_MAX_MB, pids_max=self._settings.pids_max)
-        cgroup = self._cgroups.create(prepared_id, limits)
-        cgroup.set_cpu_quota(None)
+        cgroup = self._cgroups.create(prepared_id, dataclasses.replace(limits, cpu_quota_us=None))
         network: InstanceNetwork | None = None
         scratch: ScratchVolume | None = None
         exits = _ExitRelay()
@@ -484,7 +521,7 @@ class LinuxSandboxFactory:
         finally:
             child.close()
         prepared = _Prepared(pid=pid, assign=assign, cgroup=cgroup, network=network, scratch=scratch, exits=exits)
-        exits.on_unattached_exit = lambda status: self._prepared_died(prepared)
+        exits.when_unattached(lambda status: self._prepared_died(prepared))
         return prepared
 
     def _prepared_died(self, prepared: _Prepared) -> None:
@@ -507,9 +544,9 @@ class LinuxSandboxFactory:
         self, cgroup: Cgroup, network: InstanceNetwork | None, scratch: ScratchVolume | None, *, exited: bool
     ) -> None:
         try:
-            if not exited or cgroup.pids():
-                cgroup.kill_all()
-            await asyncio.to_thread(cgroup.remove)
+            # In a thread: killing a group polls until its processes are gone, which can take
+            # seconds for one with much memory, and the loop serves every other invocation.
+            await asyncio.to_thread(_end_group, cgroup, exited=exited)
         except Exception:  # a boundary: a leftover cgroup is swept at the next start
             log.exception("removing an instance's cgroup failed", extra={"cgroup": cgroup.name})
         if network is not None and self._network is not None:
@@ -544,6 +581,16 @@ class LinuxSandboxFactory:
         if self._scratch is not None:
             await _logged("closing the /tmp volumes", self._scratch.close)
         self._cgroups.close()
+        if self._lock is not None:
+            self._lock.release()
+
+
+def _end_group(cgroup: Cgroup, *, exited: bool) -> None:
+    try:
+        if not exited or cgroup.pids():
+            cgroup.kill_all()
+    finally:
+        cgroup.remove()
 
 
 async def _logged(what: str, step: Callable[[], Awaitable[None]]) -> None:
@@ -553,11 +600,14 @@ async def _logged(what: str, step: Callable[[], Awaitable[None]]) -> None:
         log.exception("%s failed", what)
 
 
+_LOCK_DIR: Final = Path("/run/hxb")
+
+
 def _platform_id(data_dir: Path) -> str:
     """Several platforms can share a host (one per data dir, as tests do): each names its
     cgroups, network objects and subnet block after its data dir, and cleans only its own.
     A name, not a secret: sha1 is fine."""
-    return hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:4]  # noqa: S324
+    return hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:6]  # noqa: S324
 
 
 async def cleanup_host(data_dir: Path) -> int:
@@ -566,12 +616,32 @@ async def cleanup_host(data_dir: Path) -> int:
     running. Returns how many objects were removed."""
     data_dir = data_dir.resolve()  # noqa: ASYNC240 -- a path lookup, once, in a CLI command
     platform_id = _platform_id(data_dir)
-    removed = await NetworkManager.cleanup_stale(f"hx{platform_id}")
-    removed += await ScratchVolumes.cleanup_stale(data_dir / "scratch")
-    cgroups = CgroupDriver.detect(prefix=f"hxb-{platform_id}")
-    removed += cgroups.cleanup_stale()
-    cgroups.close()
+    lock = _lock_platform(platform_id, data_dir)
+    try:
+        removed = await NetworkManager.cleanup_stale(f"hx{platform_id}")
+        removed += await ScratchVolumes.cleanup_stale(data_dir / "scratch")
+        cgroups = CgroupDriver.detect(prefix=f"hxb-{platform_id}")
+        removed += cgroups.cleanup_stale()
+        cgroups.close()
+    finally:
+        lock.release()
     return removed
+
+
+def _lock_platform(platform_id: str, data_dir: Path) -> HostLock:
+    """The host objects named after `platform_id` (cgroups, network namespaces, the nftables
+    table) are this process's until the lock is released."""
+    try:
+        _LOCK_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return HostLock.acquire(_LOCK_DIR / f"sandbox-{platform_id}.lock", describe=f"data dir {data_dir}")
+    except LockHeld as held:
+        raise SandboxUnavailableError(
+            f"the sandbox objects of id {platform_id} (this data dir's, {data_dir}) belong to a running"
+            f" platform ({held.holder}): stop it first, or, if its data dir is another one, use"
+            " a data dir of another name"
+        ) from None
+    except OSError as exc:
+        raise SandboxUnavailableError(f"cannot lock {_LOCK_DIR}: {exc.strerror}") from exc
 
 
 async def _open_network(settings: SandboxSettings, prefix: str, platform_id: str) -> NetworkManager:
