@@ -432,7 +432,9 @@ def handler(event, context):
 def test_a_fork_bomb_is_stopped_by_the_pids_limit_and_cleaned_up(hxb_server: HxbServer, canary: str) -> None:
     name = unique("hostile-forkbomb")
     # Memory for a thousand small processes: the pids limit, not the memory limit, must stop it.
-    hxb_server.deploy(name, code(FORK_BOMB), timeout=5, memory=2048)
+    # A fork costs 2-4 ms of CPU on these VMs: the most CPU a function gets (3008 MB) and a
+    # timeout with room for a loaded machine to reach the limit before the timeout kills it.
+    hxb_server.deploy(name, code(FORK_BOMB), timeout=12, memory=3008)
     bomber = ok(hxb_server.invoke(name))  # the warm instance the bomb will run in
     outcome: list[Any] = []
     bombing = threading.Thread(target=lambda: outcome.append(hxb_server.invoke(name, {"bomb": True})))
