@@ -9,6 +9,7 @@ Every field `<section>.<key>` is set by the env var `HXB_<SECTION>_<KEY>` (top-l
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
@@ -33,6 +34,16 @@ class GatewaySettings:
     graceful_shutdown_s: float = 5.0
 
 
+def host_memory_budget_mb() -> int:
+    """80% of this host's physical memory, in MB: the default node memory budget. The rest is
+    left to the platform itself, the page cache and whatever else runs on the host."""
+    try:
+        total_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):  # a platform without these sysconf names
+        total_bytes = 4096 * MIB
+    return max(1, total_bytes * 8 // 10 // MIB)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PoolSettings:
     idle_timeout_s: float = 300.0
@@ -41,6 +52,11 @@ class PoolSettings:
     max_instances: int = 256
     reap_interval_s: float = 1.0
     max_response_bytes: int = 6 * MIB
+    # Sum of the `memory` of every instance of this node, stopping ones included. The default
+    # depends on the host, so the settings table shows how it is computed, not a number.
+    memory_budget_mb: int = field(
+        default_factory=host_memory_budget_mb, metadata={"shown_default": "80% of physical memory"}
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,6 +99,33 @@ class RuntimeSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ConcurrencySettings:
+    # Seconds in which a workspace's burst credit (burst - default concurrency) refills from
+    # empty to full.
+    burst_refill_s: float = 60.0
+    # The plan of the `default` workspace when `hxb serve` creates it.
+    default_plan: str = "team"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AsyncSettings:
+    """Asynchronous (event) invocations: the durable queue and its dispatcher."""
+
+    # Lambda's limit for an event payload.
+    max_payload_bytes: int = 256 * 1024
+    # Delay before retry n (1, 2) of a failed event: retry_base_s * 2**(n-1).
+    retry_base_s: float = 1.0
+    # A throttled event (concurrency limit reached) waits this long before it is tried again;
+    # that is not a retry: it never counts against the function's max_retries.
+    throttle_delay_s: float = 0.5
+    # Events of one function running at once; the rest wait in the store, not in tasks.
+    max_in_flight_per_function: int = 64
+    # On shutdown, how long running event invocations may finish; those still running are
+    # cancelled and run again at the next start (at-least-once).
+    shutdown_grace_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     data_dir: Path = Path(".hxb")
     region: str = "local"
@@ -93,6 +136,9 @@ class Settings:
     logs: LogSettings = field(default_factory=LogSettings)
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
     runtimes: RuntimeSettings = field(default_factory=RuntimeSettings)
+    # `async` is a keyword: the field has a trailing underscore, the env vars are HXB_ASYNC_*.
+    async_: AsyncSettings = field(default_factory=AsyncSettings)
+    concurrency: ConcurrencySettings = field(default_factory=ConcurrencySettings)
 
     @property
     def store_url(self) -> str:
@@ -106,7 +152,14 @@ _SECTIONS: dict[str, type[Any]] = {
     "logs": LogSettings,
     "sandbox": SandboxSettings,
     "runtimes": RuntimeSettings,
+    "async_": AsyncSettings,
+    "concurrency": ConcurrencySettings,
 }
+
+
+def _section_key(name: str) -> str:
+    """The section's name in env vars and TOML (`async_` -> `ASYNC`)."""
+    return name.rstrip("_").upper()
 
 
 def _parse_bool(raw: str) -> bool:
@@ -157,7 +210,7 @@ def _build(cls: type[T], prefix: str, layers: list[Mapping[str, Any]]) -> T:
 def _flatten_toml(doc: Mapping[str, Any], prefix: str = "HXB_") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in doc.items():
-        if isinstance(value, dict) and key in _SECTIONS:
+        if isinstance(value, dict) and any(key.upper() == _section_key(name) for name in _SECTIONS):
             flat.update(_flatten_toml(value, f"{prefix}{key.upper()}_"))
         else:
             flat[f"{prefix}{key.upper()}"] = value
@@ -178,7 +231,7 @@ def load_settings(environ: Mapping[str, str], overrides: Mapping[str, Any] | Non
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"HXB_CONFIG_FILE={config_file!r}: invalid TOML: {exc}") from None
     _check_known_keys(layers)
-    sections = {name: _build(cls, f"HXB_{name.upper()}_", layers) for name, cls in _SECTIONS.items()}
+    sections = {name: _build(cls, f"HXB_{_section_key(name)}_", layers) for name, cls in _SECTIONS.items()}
     top = _build(Settings, "HXB_", layers)
     settings = dataclasses.replace(top, **sections)
     _validate(settings)
@@ -188,7 +241,7 @@ def load_settings(environ: Mapping[str, str], overrides: Mapping[str, Any] | Non
 def _known_keys() -> set[str]:
     keys = {f"HXB_{f.name.upper()}" for f in dataclasses.fields(Settings) if f.name not in _SECTIONS}
     for name, cls in _SECTIONS.items():
-        keys |= {f"HXB_{name.upper()}_{f.name.upper()}" for f in dataclasses.fields(cls)}
+        keys |= {f"HXB_{_section_key(name)}_{f.name.upper()}" for f in dataclasses.fields(cls)}
     return keys
 
 
@@ -215,6 +268,7 @@ def _validate(settings: Settings) -> None:
         (settings.pool.shutdown_grace_s >= 0, "HXB_POOL_SHUTDOWN_GRACE_S must be >= 0"),
         (settings.pool.init_timeout_s > 0, "HXB_POOL_INIT_TIMEOUT_S must be > 0"),
         (settings.pool.max_instances >= 1, "HXB_POOL_MAX_INSTANCES must be >= 1"),
+        (settings.pool.memory_budget_mb >= 1, "HXB_POOL_MEMORY_BUDGET_MB must be >= 1"),
         (settings.logs.flush_interval_s > 0, "HXB_LOGS_FLUSH_INTERVAL_S must be > 0"),
         (
             settings.sandbox.mode in {"auto", "linux", "local"},
@@ -226,6 +280,16 @@ def _validate(settings: Settings) -> None:
         ),
         (settings.sandbox.uid > 0 and settings.sandbox.gid > 0, "HXB_SANDBOX_UID/GID must not be 0 (root)"),
         (bool(settings.region.strip()), "HXB_REGION must not be empty"),
+        (settings.async_.max_payload_bytes >= 1, "HXB_ASYNC_MAX_PAYLOAD_BYTES must be >= 1"),
+        (settings.async_.retry_base_s >= 0, "HXB_ASYNC_RETRY_BASE_S must be >= 0"),
+        (settings.async_.throttle_delay_s > 0, "HXB_ASYNC_THROTTLE_DELAY_S must be > 0"),
+        (settings.async_.max_in_flight_per_function >= 1, "HXB_ASYNC_MAX_IN_FLIGHT_PER_FUNCTION must be >= 1"),
+        (settings.async_.shutdown_grace_s >= 0, "HXB_ASYNC_SHUTDOWN_GRACE_S must be >= 0"),
+        (settings.concurrency.burst_refill_s > 0, "HXB_CONCURRENCY_BURST_REFILL_S must be > 0"),
+        (
+            settings.concurrency.default_plan in {"single", "single_user", "team", "enterprise"},
+            f"HXB_CONCURRENCY_DEFAULT_PLAN={settings.concurrency.default_plan!r}: expected single, team or enterprise",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -238,7 +302,7 @@ def settings_table() -> list[tuple[str, str, str]]:
     for f in dataclasses.fields(Settings):
         if f.name in _SECTIONS:
             rows.extend(
-                (f"HXB_{f.name.upper()}_{sf.name.upper()}", repr(_default(sf)), f.name)
+                (f"HXB_{_section_key(f.name)}_{sf.name.upper()}", repr(_default(sf)), f.name)
                 for sf in dataclasses.fields(_SECTIONS[f.name])
             )
         else:
@@ -247,6 +311,8 @@ def settings_table() -> list[tuple[str, str, str]]:
 
 
 def _default(f: dataclasses.Field[Any]) -> Any:
+    if "shown_default" in f.metadata:
+        return f.metadata["shown_default"]
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:
@@ -255,6 +321,8 @@ def _default(f: dataclasses.Field[Any]) -> Any:
 
 
 __all__ = [
+    "AsyncSettings",
+    "ConcurrencySettings",
     "GatewaySettings",
     "LogSettings",
     "PoolSettings",

@@ -1,23 +1,27 @@
 """PoolManager: per function revision, warm instances reused first, one cold start per needed
-instance, idle reaping, a node-wide instance cap, and the invocation deadline.
+instance, provisioned concurrency, idle reaping, a node-wide instance cap and memory budget,
+and the invocation deadline.
 
 Waiting invocations queue per revision. An instance that becomes free (started, or released
 by an invocation) goes to the oldest waiter; a new instance is started only while fewer are
 starting than are waited for. So N concurrent requests cause at most N cold starts, and fewer
 when warm instances come back in time (no thundering herd).
+
+Provisioned instances (`set_provisioned`) are started ahead of demand, served first, never
+reaped or evicted, and replaced when they die. Every instance, from the decision to start it
+until its process exited, holds its function's memory against `memory_budget_mb`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from hxb.config import LogSettings, PoolSettings
 from hxb.errors import InvocationError, RuntimeExitError, SandboxSpawnError, SandboxTimeoutError, ThrottledError
@@ -25,47 +29,22 @@ from hxb.logs.capture import InvocationLog
 from hxb.logs.records import LogEvent, end_line, log_stream_name, report_line, start_line, tail_of
 from hxb.logs.sink import LogFlow
 from hxb.models import FunctionRevision, InvocationRequest, InvocationResult
+from hxb.pool.capacity import memory_used_mb, victims_for
 from hxb.pool.environment import instance_environment
+from hxb.pool.function_pool import FunctionPool, PoolStatistics, sum_statistics
 from hxb.pool.wire import FrameType
 from hxb.pool.worker import Worker, WorkerState
 from hxb.runtimes import RuntimeCatalog
-from hxb.sandbox.base import SandboxFactory, SandboxSpec, describe_wait_status
+from hxb.sandbox.base import Sandbox, SandboxFactory, SandboxSpec, describe_wait_status
 
 log = logging.getLogger(__name__)
 
 _MIB = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStatistics:
-    instances: int
-    idle: int
-    busy: int
-    starting: int
-    waiting: int
-    cold_starts: int
-    warm_starts: int
-    timeouts: int
-
-
-class FunctionPool:
-    """The instances of one function revision."""
-
-    def __init__(self, revision: FunctionRevision) -> None:
-        self.revision = revision
-        self.idle: list[Worker] = []  # LIFO: the most recently used instance is the warmest
-        self.busy: set[Worker] = set()
-        self.starting = 0
-        self.waiters: deque[asyncio.Future[Worker]] = deque()
-        self.retired = False
-        # Every instance of this revision whose process has not exited yet, stopping ones too:
-        # the revision's code must stay on disk until this is empty.
-        self.members: set[Worker] = set()
-        self.drained = asyncio.Event()
-
-    @property
-    def size(self) -> int:
-        return len(self.idle) + len(self.busy) + self.starting
+_PROVISIONED_RETRY_S: Final = 1.0
+_PROVISIONED_RETRY_MAX_S: Final = 60.0
+# How long a start may wait, past the stop grace period, for stopping instances to give their
+# memory back: SIGKILL follows the grace period, so only a wedged kernel needs more.
+_MEMORY_WAIT_SLACK_S: Final = 5.0
 
 
 class PoolManager:
@@ -78,7 +57,10 @@ class PoolManager:
         emit_log: Callable[[LogEvent], None],
         *,
         log_flow: LogFlow | None = None,
+        provisioned_retry_s: float = _PROVISIONED_RETRY_S,
     ) -> None:
+        """`provisioned_retry_s` is the first delay before starting provisioned instances again
+        after a failed start; it doubles with each failure in a row, up to a minute."""
         self._settings = settings
         self._max_line_bytes = log_settings.max_line_bytes
         self._factory = factory
@@ -92,6 +74,9 @@ class PoolManager:
         self._cold_starts = 0
         self._warm_starts = 0
         self._timeouts = 0
+        self._provisioned_retry_s = provisioned_retry_s
+        self._memory_freed = asyncio.Event()
+        self._short: set[FunctionPool] = set()  # pools with provisioned instances that did not fit
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -108,13 +93,20 @@ class PoolManager:
                 task.cancel()
         workers: list[Worker] = []
         for pool in self._pools.values():
-            workers += pool.idle + list(pool.busy)
+            workers += pool.idle + pool.provisioned_idle + list(pool.busy)
             pool.idle.clear()
+            pool.provisioned_idle.clear()
+            pool.provisioned.clear()
             pool.busy.clear()
+            if pool.provision_retry is not None:
+                pool.provision_retry.cancel()
+                pool.provision_retry = None
+            pool.notify()
             while pool.waiters:
                 fut = pool.waiters.popleft()
                 if not fut.done():
                     fut.set_exception(ThrottledError("the platform is shutting down"))
+        self._short.clear()
         await asyncio.gather(*(w.stop(self._settings.shutdown_grace_s) for w in workers), return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._pools.clear()
@@ -154,7 +146,9 @@ class PoolManager:
         revision = pool.revision
         cfg = revision.config
         invocation_id = request.invocation_id
-        init_ms = worker.init_duration_ms if worker.invocations == 0 else None
+        # A provisioned instance was initialised ahead of demand: nobody waited for its init.
+        first = worker.invocations == 0 and worker not in pool.provisioned
+        init_ms = worker.init_duration_ms if first else None
         if init_ms is None:
             self._warm_starts += 1
         else:
@@ -278,19 +272,26 @@ class PoolManager:
         return pool
 
     async def _acquire(self, pool: FunctionPool) -> Worker:
-        while pool.idle:
-            worker = pool.idle.pop()
-            if worker.state is WorkerState.IDLE:
-                worker.transition(WorkerState.BUSY)
-                pool.busy.add(worker)
-                return worker
+        # Provisioned instances first: they are paid for whether they serve or not.
+        for idle in (pool.provisioned_idle, pool.idle):
+            while idle:
+                worker = idle.pop()
+                if worker.state is WorkerState.IDLE:
+                    worker.transition(WorkerState.BUSY)
+                    pool.busy.add(worker)
+                    return worker
         if self._closing:
             raise ThrottledError("the platform is shutting down")
         waiter: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
         pool.waiters.append(waiter)
         if pool.starting < len(pool.waiters):
-            self._make_room(pool)
+            try:
+                self._make_room(pool)
+            except ThrottledError:
+                pool.waiters.remove(waiter)
+                raise
             pool.starting += 1
+            pool.launching += 1
             self._spawn_task(self._start_instance(pool), name=f"hxb-start-{pool.revision.name}")
         try:
             return await waiter
@@ -302,21 +303,44 @@ class PoolManager:
             raise
 
     def _make_room(self, pool: FunctionPool) -> None:
-        """Keeps the node under `max_instances`: evicts the least recently used idle instance
-        of any function, or refuses the invocation."""
-        total = sum(p.size for p in self._pools.values())
-        if total < self._settings.max_instances:
+        """Makes room on the node for one more instance of `pool` (instance cap and memory
+        budget) by evicting idle instances, or raises ThrottledError (nothing evicted then)."""
+        for victim in victims_for(list(self._pools.values()), pool, self._settings):
+            self._pools[victim.revision.key].idle.remove(victim)
+            victim.instance_log("[hxb] stopping idle instance to make room on the node")
+            self._stop_later(victim, "evict")
+
+    async def _wait_for_memory(self, pool: FunctionPool) -> None:
+        """Waits until the instances holding memory, this start included, fit the budget:
+        `_make_room` admitted it counting on instances that are still stopping."""
+        budget_mb = self._settings.memory_budget_mb
+        if memory_used_mb(self._pools.values()) <= budget_mb:
             return
-        candidates = [(w.last_used, p, w) for p in self._pools.values() for w in p.idle]
-        if not candidates:
-            pool.waiters.pop()
-            raise ThrottledError(
-                f"all {self._settings.max_instances} instances of this node are busy "
-                "(HXB_POOL_MAX_INSTANCES); retry later"
-            )
-        _, victim_pool, victim = min(candidates, key=lambda c: c[0])
-        victim_pool.idle.remove(victim)
-        self._stop_later(victim, "evict")
+        try:
+            async with asyncio.timeout(self._settings.shutdown_grace_s + _MEMORY_WAIT_SLACK_S):
+                while memory_used_mb(self._pools.values()) > budget_mb:
+                    await self._memory_freed.wait()
+        except TimeoutError:
+            raise SandboxSpawnError(
+                f"could not start an instance of {pool.revision.name!r}: stopping instances did not give "
+                f"back their memory in time (HXB_POOL_MEMORY_BUDGET_MB={budget_mb})"
+            ) from None
+
+    def _capacity_freed(self) -> None:
+        """An instance exited, or a start failed before it had one: memory and instance slots
+        are free again, for starts waiting on them and for provisioned instances that did not fit."""
+        freed, self._memory_freed = self._memory_freed, asyncio.Event()
+        freed.set()
+        self._retry_shortfalls()
+
+    def _retry_shortfalls(self) -> None:
+        """Provisioned instances that did not fit try again: room was made, or an on-demand
+        instance became idle and so can be evicted for them."""
+        for pool in list(self._short):
+            # Not while one of its starts is in flight: that start may be the one failing now
+            # (before its backoff is set), and it calls `_provision` itself when it ends.
+            if not pool.provisioned_starting:
+                self._provision(pool)
 
     async def _start_instance(self, pool: FunctionPool) -> None:
         try:
@@ -324,11 +348,13 @@ class PoolManager:
         except InvocationError as exc:
             pool.starting -= 1
             self._fail_one_waiter(pool, exc)
+            self._drop_if_empty(pool)
             return
         except Exception as exc:  # a boundary: an unexpected spawn failure fails one invocation
             log.exception("starting an instance failed", extra={"function": pool.revision.name})
             pool.starting -= 1
             self._fail_one_waiter(pool, SandboxSpawnError(f"could not start an instance: {exc}"))
+            self._drop_if_empty(pool)
             return
         pool.starting -= 1
         if self._closing:
@@ -353,15 +379,22 @@ class PoolManager:
                 waiter.set_exception(exc)
                 return
 
-    def _hand_off(self, pool: FunctionPool, worker: Worker) -> None:
-        """Gives a free instance to the oldest waiter, or parks it as idle."""
+    @staticmethod
+    def _give_to_waiter(pool: FunctionPool, worker: Worker) -> bool:
+        """Gives a free instance to the oldest waiter, if any is left."""
         while pool.waiters:
             waiter = pool.waiters.popleft()
             if not waiter.done():
                 worker.transition(WorkerState.BUSY)
                 pool.busy.add(worker)
                 waiter.set_result(worker)
-                return
+                return True
+        return False
+
+    def _hand_off(self, pool: FunctionPool, worker: Worker) -> None:
+        """Gives a free instance to the oldest waiter, or parks it as idle."""
+        if self._give_to_waiter(pool, worker):
+            return
         if pool.retired:
             self._stop_later(worker, "retire")
             return
@@ -369,16 +402,43 @@ class PoolManager:
             worker.transition(WorkerState.IDLE)
         worker.last_used = time.monotonic()
         pool.idle.append(worker)
+        if self._short:
+            self._retry_shortfalls()
 
     def _release(self, pool: FunctionPool, worker: Worker) -> None:
         pool.busy.discard(worker)
+        provisioned = worker in pool.provisioned
         if worker.state is WorkerState.DEAD:
             worker.close()
+            if provisioned:
+                # Crashed, timed out or ran out of memory: a provisioned instance is replaced.
+                pool.provisioned.discard(worker)
+                self._provision(pool)
+                pool.notify()
             self._drop_if_empty(pool)
             return
         worker.transition(WorkerState.IDLE)
-        self._hand_off(pool, worker)
+        if not provisioned:
+            self._hand_off(pool, worker)
+        elif pool.provisioned_missing < 0:
+            # Provisioned concurrency was lowered (or the revision retired) while it was busy.
+            pool.provisioned.discard(worker)
+            pool.notify()
+            if not self._give_to_waiter(pool, worker):
+                worker.instance_log("[hxb] stopping provisioned instance: no longer provisioned")
+                self._stop_later(worker, "unprovision")
+        else:
+            self._park_provisioned(pool, worker)
         self._drop_if_empty(pool)
+
+    def _park_provisioned(self, pool: FunctionPool, worker: Worker) -> None:
+        """A free provisioned instance serves the oldest waiter, or waits for the next one."""
+        if self._give_to_waiter(pool, worker):
+            return
+        if worker.state is not WorkerState.IDLE:
+            worker.transition(WorkerState.IDLE)
+        worker.last_used = time.monotonic()
+        pool.provisioned_idle.append(worker)
 
     def _drop_if_empty(self, pool: FunctionPool) -> None:
         if pool.retired and pool.size == 0 and not pool.waiters and not pool.members:
@@ -395,36 +455,19 @@ class PoolManager:
         """Whether any instance, starting, running or stopping, runs this code."""
         return any(p.revision.code_sha256 == code_sha256 and (p.size or p.members) for p in self._pools.values())
 
-    async def _spawn(self, pool: FunctionPool) -> Worker:
-        revision = pool.revision
-        spawn_started = time.perf_counter()
-        await self._catalog.ensure_compiled(revision.runtime)
-        instance_id = uuid.uuid4().hex
-        runtime_dir = self._catalog.bootstrap_dir(revision.runtime)
-        paths = self._factory.paths(revision.code_dir, runtime_dir, instance_id)
-        stream = log_stream_name(revision.version, instance_id, time.time())
-        spec = SandboxSpec(
-            instance_id=instance_id,
-            runtime=revision.runtime,
-            argv=revision.runtime.instance_argv(paths.runtime_root),
-            code_dir=revision.code_dir,
-            runtime_dir=runtime_dir,
-            layers_dir=None,
-            env=instance_environment(revision, paths, stream=stream),
-            memory_limit_mib=revision.config.memory,
-            ephemeral_storage_mib=revision.config.ephemeral_storage,
-            egress=tuple(revision.config.vpc.egress)
-            if revision.config.vpc and revision.config.vpc.egress is not None
-            else None,
-            labels={"function": revision.name, "workspace": revision.workspace},
-        )
+    async def _spawn(self, pool: FunctionPool, *, provisioned: bool = False) -> Worker:
+        """Starts one instance and waits for its READY. The caller counted it in
+        `pool.launching` (its memory is held from then on); this moves it to `pool.members`."""
         try:
-            sandbox = await self._factory.start(spec)
-        except OSError as exc:
-            raise SandboxSpawnError(f"could not start an instance of {revision.name!r}: {exc}") from exc
+            sandbox, stream, spawn_started = await self._start_sandbox(pool, provisioned)
+        except BaseException:
+            pool.launching -= 1
+            self._capacity_freed()
+            raise
+        pool.launching -= 1
         worker = Worker(
             sandbox=sandbox,
-            revision=revision,
+            revision=pool.revision,
             stream=stream,
             emit_log=self._emit_log,
             max_response_bytes=self._settings.max_response_bytes,
@@ -442,18 +485,195 @@ class PoolManager:
             raise
         return worker
 
+    async def _start_sandbox(self, pool: FunctionPool, provisioned: bool) -> tuple[Sandbox, str, float]:
+        revision = pool.revision
+        await self._wait_for_memory(pool)
+        spawn_started = time.perf_counter()
+        await self._catalog.ensure_compiled(revision.runtime)
+        instance_id = uuid.uuid4().hex
+        runtime_dir = self._catalog.bootstrap_dir(revision.runtime)
+        paths = self._factory.paths(revision.code_dir, runtime_dir, instance_id)
+        stream = log_stream_name(revision.version, instance_id, time.time())
+        env = instance_environment(revision, paths, stream=stream)
+        if provisioned:
+            env["AWS_LAMBDA_INITIALIZATION_TYPE"] = "provisioned-concurrency"  # as Lambda tells its init code
+        spec = SandboxSpec(
+            instance_id=instance_id,
+            runtime=revision.runtime,
+            argv=revision.runtime.instance_argv(paths.runtime_root),
+            code_dir=revision.code_dir,
+            runtime_dir=runtime_dir,
+            layers_dir=None,
+            env=env,
+            memory_limit_mib=revision.config.memory,
+            ephemeral_storage_mib=revision.config.ephemeral_storage,
+            egress=tuple(revision.config.vpc.egress)
+            if revision.config.vpc and revision.config.vpc.egress is not None
+            else None,
+            labels={"function": revision.name, "workspace": revision.workspace},
+        )
+        try:
+            sandbox = await self._factory.start(spec)
+        except OSError as exc:
+            raise SandboxSpawnError(f"could not start an instance of {revision.name!r}: {exc}") from exc
+        return sandbox, stream, spawn_started
+
     def _on_worker_dead(self, worker: Worker) -> None:
-        """An instance exited on its own. An idle one is simply dropped; a busy one is dealt
-        with by the invocation that is waiting on it."""
+        """An instance exited (on its own, or stopped). An idle one is dropped, and replaced if
+        it was provisioned; a busy one is dealt with by the invocation that is waiting on it."""
         pool = self._pools.get(worker.revision.key)
-        if pool is None:
+        if pool is not None:
+            pool.members.discard(worker)
+            if worker in pool.idle:
+                pool.idle.remove(worker)
+                worker.instance_log("[hxb] instance exited while idle")
+                worker.close()
+            elif worker in pool.provisioned_idle:
+                pool.provisioned_idle.remove(worker)
+                pool.provisioned.discard(worker)
+                worker.instance_log("[hxb] provisioned instance exited while idle; starting another")
+                worker.close()
+                self._provision(pool)
+                pool.notify()
+        self._capacity_freed()
+        if pool is not None:
+            self._drop_if_empty(pool)
+
+    # --- provisioned concurrency -------------------------------------------------------------------
+
+    def set_provisioned(self, revision: FunctionRevision, count: int) -> None:
+        """Keeps `count` instances of `revision` initialised ahead of demand, from now on: more
+        start in the background (this does not wait for them, `wait_provisioned` does); surplus
+        idle ones stop now, busy ones when their invocation ends. A retired revision keeps none."""
+        if count < 0:
+            raise ValueError(f"provisioned concurrency of {revision.name!r} must be >= 0, got {count}")
+        pool = self._pools.get(revision.key)
+        if pool is None and count == 0:
             return
-        pool.members.discard(worker)
-        if worker in pool.idle:
-            pool.idle.remove(worker)
-            worker.instance_log("[hxb] instance exited while idle")
-            worker.close()
-        self._drop_if_empty(pool)
+        pool = self._pool_for(revision)
+        if pool.retired:
+            return
+        pool.provisioned_target = count
+        surplus = -pool.provisioned_missing
+        # The least recently used first: the warmest stay.
+        while surplus > 0 and pool.provisioned_idle:
+            worker = pool.provisioned_idle.pop(0)
+            pool.provisioned.discard(worker)
+            worker.instance_log("[hxb] stopping provisioned instance: no longer provisioned")
+            self._stop_later(worker, "unprovision")
+            surplus -= 1
+        self._provision(pool)
+        pool.notify()
+
+    async def wait_provisioned(self, revision_key: str) -> None:
+        """Returns once every provisioned instance of that revision is ready, or as soon as one
+        failed to start or did not fit the node: `function_statistics` tells which."""
+        pool = self._pools.get(revision_key)
+        while pool is not None and not self._provisioning_settled(pool):
+            await pool.wait_changed()
+
+    def _provisioning_settled(self, pool: FunctionPool) -> bool:
+        return (
+            self._closing
+            or pool.retired
+            or len(pool.provisioned) >= pool.provisioned_target
+            or pool.provision_failures > 0
+            or pool.provisioned_starting == 0
+        )
+
+    def _provision(self, pool: FunctionPool) -> None:
+        """Starts the provisioned instances `pool` lacks, as far as the node has room."""
+        if self._closing or pool.retired or pool.provision_retry is not None:
+            return  # a failed start's backoff runs: its timer calls this again
+        missing = max(pool.provisioned_missing, 0)
+        started = 0
+        while started < missing:
+            try:
+                self._make_room(pool)
+            except ThrottledError as exc:
+                self._provisioned_do_not_fit(pool, missing - started, exc)
+                return
+            pool.provisioned_starting += 1
+            pool.launching += 1
+            self._spawn_task(self._start_provisioned(pool), name=f"hxb-provision-{pool.revision.name}")
+            started += 1
+        pool.provisioned_shortfall = 0
+        self._short.discard(pool)
+
+    def _provisioned_do_not_fit(self, pool: FunctionPool, shortfall: int, exc: ThrottledError) -> None:
+        if shortfall > pool.provisioned_shortfall:
+            log.warning(
+                "provisioned instances do not fit on this node",
+                extra={
+                    "function": pool.revision.name,
+                    "revision": pool.revision.key,
+                    "missing": shortfall,
+                    "reason": exc.message,
+                },
+            )
+        pool.provisioned_shortfall = shortfall
+        self._short.add(pool)
+        pool.notify()
+
+    async def _start_provisioned(self, pool: FunctionPool) -> None:
+        try:
+            worker = await self._spawn(pool, provisioned=True)
+        except InvocationError as exc:
+            pool.provisioned_starting -= 1
+            self._provision_failed(pool, exc)
+            return
+        except Exception as exc:  # a boundary: no invocation waits on this start
+            log.exception("starting a provisioned instance failed", extra={"function": pool.revision.name})
+            pool.provisioned_starting -= 1
+            self._provision_failed(pool, SandboxSpawnError(f"could not start an instance: {exc}"))
+            return
+        pool.provisioned_starting -= 1
+        if self._closing:
+            await worker.stop(self._settings.shutdown_grace_s)
+            return
+        if worker.state is WorkerState.DEAD:
+            worker.close()  # it exited between READY and now (both seen in one loop turn)
+            status = worker.sandbox.poll_exit()
+            self._provision_failed(
+                pool, RuntimeExitError("", describe_wait_status(status if status is not None else -1))
+            )
+            return
+        if pool.provision_failures:
+            log.info("provisioned instances start again", extra={"function": pool.revision.name})
+        pool.provision_failures = 0
+        if pool.retired or len(pool.provisioned) >= pool.provisioned_target:
+            # Lowered (or retired) while it was starting: it serves a waiter if one is left.
+            if not self._give_to_waiter(pool, worker):
+                self._stop_later(worker, "unprovision")
+        else:
+            pool.provisioned.add(worker)
+            self._park_provisioned(pool, worker)
+        self._provision(pool)  # those that did not fit while this one was starting
+        pool.notify()
+
+    def _provision_failed(self, pool: FunctionPool, exc: InvocationError) -> None:
+        """Schedules another try after a backoff that doubles with each failure in a row (an
+        init error would fail again at once); logs the first failure of each streak only."""
+        pool.provision_failures += 1
+        delay_s = min(self._provisioned_retry_s * 2 ** (pool.provision_failures - 1), _PROVISIONED_RETRY_MAX_S)
+        if pool.provision_failures == 1:
+            log.warning(
+                "starting a provisioned instance failed; retrying with a backoff",
+                extra={
+                    "function": pool.revision.name,
+                    "revision": pool.revision.key,
+                    "error_type": exc.wire_type,
+                    "error": exc.message,
+                },
+            )
+        if pool.provision_retry is None and not pool.retired and not self._closing:
+            pool.provision_retry = asyncio.get_running_loop().call_later(delay_s, self._retry_provision, pool)
+        pool.notify()
+        self._drop_if_empty(pool)  # retired meanwhile: this start was the last thing it waited for
+
+    def _retry_provision(self, pool: FunctionPool) -> None:
+        pool.provision_retry = None
+        self._provision(pool)
 
     # --- retiring and reaping ---------------------------------------------------------------------
 
@@ -464,9 +684,19 @@ class PoolManager:
         if pool is None:
             return
         pool.retired = True
-        for worker in pool.idle:
+        pool.provisioned_target = 0
+        pool.provisioned_shortfall = 0
+        self._short.discard(pool)
+        if pool.provision_retry is not None:
+            pool.provision_retry.cancel()
+            pool.provision_retry = None
+        for worker in pool.provisioned_idle:
+            pool.provisioned.discard(worker)
+        for worker in pool.idle + pool.provisioned_idle:
             self._stop_later(worker, "retire")
         pool.idle.clear()
+        pool.provisioned_idle.clear()
+        pool.notify()
         self._drop_if_empty(pool)
 
     async def _reap_forever(self) -> None:
@@ -475,7 +705,8 @@ class PoolManager:
             self.reap_idle(time.monotonic())
 
     def reap_idle(self, now: float) -> int:
-        """Stops instances idle for longer than the idle timeout; returns how many."""
+        """Stops on-demand instances idle for longer than the idle timeout (provisioned ones
+        stay); returns how many."""
         reaped = 0
         deadline = now - self._settings.idle_timeout_s
         for pool in list(self._pools.values()):
@@ -489,29 +720,18 @@ class PoolManager:
         return reaped
 
     def statistics(self) -> PoolStatistics:
-        pools = self._pools.values()
-        return PoolStatistics(
-            instances=sum(p.size for p in pools),
-            idle=sum(len(p.idle) for p in pools),
-            busy=sum(len(p.busy) for p in pools),
-            starting=sum(p.starting for p in pools),
-            waiting=sum(len(p.waiters) for p in pools),
+        """The whole node. Provisioned instances count in `instances`, `idle`, `busy` and `starting` too."""
+        return dataclasses.replace(
+            sum_statistics(self._pools.values()),
             cold_starts=self._cold_starts,
             warm_starts=self._warm_starts,
             timeouts=self._timeouts,
         )
 
     def function_statistics(self, workspace: str, name: str) -> PoolStatistics:
-        pools = [p for p in self._pools.values() if p.revision.workspace == workspace and p.revision.name == name]
-        return PoolStatistics(
-            instances=sum(p.size for p in pools),
-            idle=sum(len(p.idle) for p in pools),
-            busy=sum(len(p.busy) for p in pools),
-            starting=sum(p.starting for p in pools),
-            waiting=sum(len(p.waiters) for p in pools),
-            cold_starts=0,
-            warm_starts=0,
-            timeouts=0,
+        """One function, all its revisions; the start and timeout counters are the node's only."""
+        return sum_statistics(
+            p for p in self._pools.values() if p.revision.workspace == workspace and p.revision.name == name
         )
 
 
@@ -522,3 +742,6 @@ def _utc_stamp() -> str:
 
 def _error_payload(exc: InvocationError) -> bytes:
     return json.dumps(exc.to_document(), separators=(",", ":")).encode()
+
+
+__all__ = ["PoolManager", "PoolStatistics"]
