@@ -68,6 +68,24 @@ class FunctionNotFoundError(ClientError):
         self.qualifier = qualifier
 
 
+class WorkspaceNotFoundError(ClientError):
+    error_type = "Client.WorkspaceNotFound"
+    http_status = 404
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"workspace {name!r} not found (hxb workspace list shows them, hxb workspace create adds one)")
+        self.name = name
+
+
+class WorkspaceExistsError(ClientError):
+    error_type = "Client.WorkspaceExists"
+    http_status = 409
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"workspace {name!r} already exists")
+        self.name = name
+
+
 class FunctionExistsError(ClientError):
     error_type = "Client.FunctionExists"
     http_status = 409

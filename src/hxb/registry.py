@@ -13,6 +13,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
+from hxb.concurrency.admission import Admission
+from hxb.concurrency.plans import Plan
+from hxb.concurrency.workspaces import Workspaces
 from hxb.errors import ClientError, FunctionExistsError, FunctionNotFoundError, PackageError, SpecError
 from hxb.models import LATEST, FunctionRevision
 from hxb.packaging import PackageLimits, read_config_text, unpack_package
@@ -40,6 +43,8 @@ class FunctionRegistry:
         catalog: RuntimeCatalog,
         pool: PoolManager,
         router: Router,
+        admission: Admission,
+        workspaces: Workspaces,
         package_limits: PackageLimits,
     ) -> None:
         self._code_root = data_dir / "code"
@@ -49,6 +54,8 @@ class FunctionRegistry:
         self._catalog = catalog
         self._pool = pool
         self._router = router
+        self._admission = admission
+        self._workspaces = workspaces
         self._limits = package_limits
         # Deploys of one function run one at a time; different functions deploy in parallel.
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -73,6 +80,15 @@ class FunctionRegistry:
                 problems.append(f"function {record.name!r} not loaded: {exc}")
                 continue
             self._router.put(revision)
+            try:
+                self._admission.check_reservation(record.workspace, record.name, revision.config.reserved_concurrency)
+            except ClientError as exc:  # e.g. the plan changed under it: the function still runs
+                problems.append(f"function {record.name!r}: {exc}")
+            self._admission.set_reservation(record.workspace, record.name, revision.config.reserved_concurrency)
+            try:
+                self._provision(revision)
+            except ClientError as exc:  # its workspace is gone from the store
+                problems.append(f"function {record.name!r}: {exc}")
         await self._sweep_code()
         return problems
 
@@ -120,10 +136,12 @@ class FunctionRegistry:
                 source=member,
             )
         runtime = self._check_deployable(config)
+        self._workspaces.get(workspace)
         async with self._locks[(workspace, config.name)]:
             existing = await self._store.get_function(workspace, config.name)
             if existing is not None and create_only:
                 raise FunctionExistsError(config.name)
+            self._admission.check_reservation(workspace, config.name, config.reserved_concurrency)
             sha = await asyncio.to_thread(_file_sha256, zip_path)
             self._installing[sha] += 1
             try:
@@ -181,11 +199,30 @@ class FunctionRegistry:
 
     async def _commit(self, record: FunctionRecord, *, previous: FunctionRecord | None) -> FunctionRevision:
         revision = self._revision_from(record)
-        await self._store.put_function(record)
+        previous_reservation = self._admission.reserve(
+            record.workspace, record.name, revision.config.reserved_concurrency
+        )
+        try:
+            await self._store.put_function(record)
+        except BaseException:
+            self._admission.set_reservation(record.workspace, record.name, previous_reservation)
+            raise
         old = self._router.put(revision)
-        if old is not None:
+        if old is not None and old.key != revision.key:
             self._retire(old)
+        self._provision(revision)
         return revision
+
+    def _provision(self, revision: FunctionRevision) -> None:
+        """Keeps the revision's provisioned instances at what its config asks for on its
+        workspace's plan (on the event loop, no await: the pool starts them in the background)."""
+        plan = self._workspaces.plan_of(revision.workspace).name
+        self._pool.set_provisioned(revision, revision.config.provisioned_for_plan(plan))
+
+    async def apply_plan(self, workspace: str, plan: Plan) -> None:
+        """A workspace changed plan: provisioned counts given per plan follow it."""
+        for revision in self._router.list(workspace):
+            self._pool.set_provisioned(revision, revision.config.provisioned_for_plan(plan.name))
 
     def _retire(self, old: FunctionRevision) -> None:
         """Stops the old revision's instances; its code goes once the last of them exited
@@ -225,10 +262,14 @@ class FunctionRegistry:
             current = FunctionConfig.model_validate(existing.config)
             config = apply_config_patch(current, patch)
             self._check_deployable(config)
+            self._admission.check_reservation(workspace, name, config.reserved_concurrency)
+            # Concurrency and async settings do not change what an instance runs: the revision
+            # (and so its warm instances) stays.
+            running_changes = _changed_fields(current, config) - _FIELDS_INSTANCES_IGNORE
             record = FunctionRecord(
                 workspace=workspace,
                 name=name,
-                revision_id=uuid.uuid4().hex,
+                revision_id=uuid.uuid4().hex if running_changes else existing.revision_id,
                 config=config.model_dump(mode="json", by_alias=True),
                 code_sha256=existing.code_sha256,
                 code_size_bytes=existing.code_size_bytes,
@@ -245,6 +286,7 @@ class FunctionRegistry:
             if existing is None:
                 raise FunctionNotFoundError(name)
             await self._store.delete_function(workspace, name)
+            self._admission.forget_function(workspace, name)
             old = self._router.remove(workspace, name)
             if old is not None:
                 self._retire(old)
@@ -255,6 +297,16 @@ class FunctionRegistry:
 
     def list(self, workspace: str | None = None) -> list[FunctionRevision]:
         return self._router.list(workspace)
+
+
+# Settings an instance never sees: changing only these keeps the function's revision.
+_FIELDS_INSTANCES_IGNORE = frozenset({"reserved_concurrency", "provisioned_concurrency", "async", "description"})
+
+
+def _changed_fields(before: FunctionConfig, after: FunctionConfig) -> set[str]:
+    old = before.model_dump(mode="json", by_alias=True)
+    new = after.model_dump(mode="json", by_alias=True)
+    return {key for key in old.keys() | new.keys() if old.get(key) != new.get(key)}
 
 
 def _file_sha256(path: Path) -> str:

@@ -16,12 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from hxb._locks import HostLock, LockHeld
+from hxb.concurrency.admission import Admission
+from hxb.concurrency.workspaces import Workspaces
 from hxb.config import Settings
 from hxb.errors import DataDirInUseError
+from hxb.invoker import Invoker
 from hxb.logs.sink import LogSink
 from hxb.models import FunctionRevision
 from hxb.packaging import PackageLimits, pack_directory
 from hxb.pool.manager import PoolManager
+from hxb.queue.dispatcher import AsyncDispatcher
 from hxb.registry import FunctionRegistry
 from hxb.router import Router
 from hxb.runtimes import RuntimeCatalog
@@ -45,6 +49,10 @@ class Services:
     pool: PoolManager
     router: Router
     registry: FunctionRegistry
+    admission: Admission
+    workspaces: Workspaces
+    invoker: Invoker
+    queue: AsyncDispatcher
     deploy_demo: bool = False
     sandbox_degraded: list[str] = field(default_factory=list)
     load_problems: list[str] = field(default_factory=list)
@@ -86,6 +94,11 @@ class Services:
         )
         pool = PoolManager(settings.pool, settings.logs, factory, catalog, sink.emit, log_flow=sink)
         router = Router()
+        admission = Admission(burst_refill_s=settings.concurrency.burst_refill_s)
+        workspaces = Workspaces(store, admission)
+        invoker = Invoker(admission, pool)
+        # Asynchronous events run through admission too: a throttled one waits in the queue.
+        queue = AsyncDispatcher(settings.async_, store=store, router=router, invoke=invoker.invoke)
         registry = FunctionRegistry(
             data_dir=data_dir,
             region=settings.region,
@@ -93,6 +106,8 @@ class Services:
             catalog=catalog,
             pool=pool,
             router=router,
+            admission=admission,
+            workspaces=workspaces,
             package_limits=PackageLimits(max_zipped_bytes=settings.gateway.max_package_bytes),
         )
         return cls(
@@ -104,6 +119,10 @@ class Services:
             pool=pool,
             router=router,
             registry=registry,
+            admission=admission,
+            workspaces=workspaces,
+            invoker=invoker,
+            queue=queue,
             sandbox_degraded=choice.degraded,
             _lock=lock,
         )
@@ -114,9 +133,13 @@ class Services:
         self._started = True
         self.log_sink.start()
         self.pool.start()
+        await self.workspaces.load(self.settings.workspace, self.settings.concurrency.default_plan)
+        self.workspaces.on_plan_changed(self.registry.apply_plan)
         self.load_problems = await self.registry.load()
         for problem in self.load_problems:
             log.warning(problem)
+        # After the registry: events left pending by the last run need their functions routed.
+        await self.queue.start()
         # The runtimes deployed functions use get their zygotes now, not at the first request.
         runtimes = {r.runtime.name: r.runtime for r in self.router.list()}
         default = self.catalog.list()
@@ -135,7 +158,14 @@ class Services:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         # Every step runs even when one before it failed: what the sandbox holds on the host
         # (namespaces, mounts, cgroups) must go whatever happened to the logs.
-        for step in (self.registry.close, self.pool.close, self.log_sink.close, self.factory.close, self.store.close):
+        for step in (
+            self.queue.stop,
+            self.registry.close,
+            self.pool.close,
+            self.log_sink.close,
+            self.factory.close,
+            self.store.close,
+        ):
             try:
                 await step()
             except Exception:  # a boundary: shutdown goes on

@@ -204,3 +204,16 @@ def test_invoke_accepts_arn_and_qualifier_when_they_name_latest(
     # As in Lambda, the invoked ARN carries the qualifier when the caller gave one.
     qualified = qualifier is not None or function_name.endswith(":$LATEST")
     assert result["arn"] == f"arn:hxb:lambda:local:default:function:{name}" + (":$LATEST" if qualified else "")
+
+
+def test_invoke_event_returns_202_and_runs_the_function_later(hxb_server: HxbServer, lambda_client: Any) -> None:
+    name = "boto-event"
+    hxb_server.deploy(name, {"index.py": PRINTER})
+
+    response = lambda_client.invoke(FunctionName=name, InvocationType="Event", Payload=b'{"say": "queued-hello"}')
+
+    assert response["StatusCode"] == 202
+    assert response["Payload"].read() == b""
+    request_id = response["ResponseMetadata"]["RequestId"]
+    events = hxb_server.wait_for_log(name, "said: queued-hello", timeout_s=20)
+    assert any(e["invocation_id"] == request_id for e in events if "said: queued-hello" in e["message"])

@@ -485,3 +485,51 @@ def _banner(server: HxbServer, needle: str, timeout_s: float = 10.0) -> str:
     while needle not in "".join(server.output) and time.monotonic() < deadline:
         time.sleep(0.05)
     return "".join(server.output)
+
+
+# --- asynchronous invocation --------------------------------------------------------------------------
+
+
+def test_invoke_async_prints_the_request_id_and_failures_reach_the_dlq(hxb_server: HxbServer, tmp_path: Path) -> None:
+    ok, failing = "cli-async", "cli-async-fail"
+    write_function(tmp_path / "ok", ok, {"index.py": PRINTER})
+    write_function(
+        tmp_path / "failing",
+        failing,
+        {"index.py": "def handler(e, c):\n    raise RuntimeError('nope ' + e['say'])\n"},
+        async_={"max_retries": 0},
+    )
+    for directory in ("ok", "failing"):
+        deployed = run_hxb("function", "deploy", str(tmp_path / directory), *_ep(hxb_server))
+        assert deployed.returncode == 0, describe(deployed)
+
+    queued = run_hxb("function", "invoke", ok, "--async", "--payload", '{"say": "later"}', *_ep(hxb_server))
+    assert queued.returncode == 0, describe(queued)
+    request_id = queued.stdout.strip()
+    assert len(request_id) == 36, describe(queued)
+    _cli_logs_until(hxb_server, ok, "said: later", "--invocation", request_id)
+
+    failed = run_hxb("function", "invoke", failing, "--async", "--payload", '{"say": "x"}', *_ep(hxb_server))
+    assert failed.returncode == 0, describe(failed)
+    failed_id = failed.stdout.strip()
+    deadline = time.monotonic() + 20
+    while True:
+        listed = run_hxb("function", "dlq", "list", failing, *_ep(hxb_server))
+        assert listed.returncode == 0, describe(listed)
+        if failed_id in listed.stdout:
+            break
+        assert time.monotonic() < deadline, describe(listed)
+        time.sleep(0.2)
+    line = next(x for x in listed.stdout.splitlines() if x.startswith(failed_id))
+    assert "RetriesExhausted" in line
+    assert "RuntimeError" in line
+
+    shown = run_hxb("function", "dlq", "show", failing, failed_id, *_ep(hxb_server))
+    assert shown.returncode == 0, describe(shown)
+    letter = json.loads(shown.stdout)
+    assert letter["payload"] == {"say": "x"}
+    assert letter["attempts"] == 1
+    assert letter["error"]["errorMessage"] == "nope x"
+
+    missing = run_hxb("function", "dlq", "show", failing, "no-such-event", *_ep(hxb_server))
+    assert_one_line_error(missing, "no-such-event")

@@ -399,11 +399,13 @@ def test_invalid_json_body_is_invalid_request_content(hxb_server: HxbServer, ech
     api_error(response, 400, "InvalidRequestContentException")
 
 
-def test_event_invocation_type_is_refused_clearly(hxb_server: HxbServer, echo: str) -> None:
+def test_event_invocation_type_is_accepted_with_202(hxb_server: HxbServer, echo: str) -> None:
+    # The queue's behaviour (retries, destinations, restarts) is tested in test_async.py.
     response = hxb_server.invoke(echo, {}, headers={"X-Amz-Invocation-Type": "Event"})
 
-    assert 400 <= response.status_code < 500, response.text
-    assert "Event" in response.json()["message"] or "async" in response.json()["message"]
+    assert response.status_code == 202, response.text
+    assert response.content == b""
+    assert response.headers["x-amzn-requestid"]
 
 
 def test_dry_run_returns_204_without_running_the_handler(hxb_server: HxbServer) -> None:

@@ -27,7 +27,7 @@ def test_concurrent_invocations_start_more_instances(hxb_server: HxbServer) -> N
     assert later <= set(instances)
     with hxb_server.client() as c:
         instances = c.get("/v1/functions/wide").json()["instances"]
-    assert instances == {"idle": 4, "busy": 0, "starting": 0}
+    assert instances == {"idle": 4, "busy": 0, "starting": 0, "provisioned": 0, "provisioned_shortfall": 0}
 
 
 def test_idle_instances_are_stopped_after_the_idle_timeout(hxb_server_factory: Any) -> None:

@@ -10,13 +10,16 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from hxb.errors import StoreError
 from hxb.logs.records import LogEvent
+from hxb.queue.events import AsyncEvent, Condition, EventState, PendingEvent
 from hxb.store import FunctionRecord
 from hxb.store.sql import SqlStore
 
@@ -174,3 +177,111 @@ async def test_bad_url_is_named() -> None:
         await SqlStore.open("mysql://x/y")
     with pytest.raises(StoreError, match=r"cannot open the store at postgresql://\*\*\*@127\.0\.0\.1"):
         await SqlStore.open(f"postgresql://hxb:secret@127.0.0.1:{_free_port()}/none")
+
+
+# --- async events ---
+
+
+def _event(workspace: str, function: str, event_id: str, *, due_at_ms: int = 1000, **fields: Any) -> AsyncEvent:
+    return AsyncEvent(
+        id=event_id,
+        workspace=workspace,
+        function=function,
+        invoked_arn=f"arn:hxb:lambda:local:{workspace}:function:{function}",
+        payload=b'{"n": 1, "bin": "\xff"}' if "payload" not in fields else fields.pop("payload"),
+        client_context={"custom": {"k": "v ü"}},
+        enqueued_at_ms=500,
+        due_at_ms=due_at_ms,
+        **fields,
+    )
+
+
+async def test_async_events_round_trip_and_pending_order(store: SqlStore) -> None:
+    ws = f"ws-{uuid.uuid4().hex[:8]}"  # the PostgreSQL server is shared by the module's tests
+    await store.enqueue_async_event(_event(ws, "f", "late", due_at_ms=3000))
+    await store.enqueue_async_event(_event(ws, "f", "early", due_at_ms=1000, payload=bytes(range(256))))
+    await store.enqueue_async_event(_event(ws, "g", "middle", due_at_ms=2000))
+
+    got = await store.get_async_event("early")
+    assert got == _event(ws, "f", "early", due_at_ms=1000, payload=bytes(range(256)))
+    assert await store.get_async_event("nope") is None
+    mine = [p for p in await store.list_pending_async_events() if p.workspace == ws]
+    assert mine == [
+        PendingEvent("early", ws, "f", 1000),
+        PendingEvent("middle", ws, "g", 2000),
+        PendingEvent("late", ws, "f", 3000),
+    ]
+    assert await store.count_async_events(ws, "f") == {EventState.PENDING: 2, EventState.DEAD: 0}
+
+    assert await store.delete_async_events(ws, "f") == 2
+    assert await store.delete_async_events(ws, "g") == 1
+
+
+async def test_async_event_retry_finish_and_handover_in_one_transaction(store: SqlStore) -> None:
+    ws = f"ws-{uuid.uuid4().hex[:8]}"
+    await store.enqueue_async_event(_event(ws, "f", "e1"))
+
+    assert await store.retry_async_event("e1", attempts=1, due_at_ms=9000, error_type="ValueError", error_payload=b"x")
+    retried = await store.get_async_event("e1")
+    assert retried is not None
+    assert (retried.attempts, retried.due_at_ms, retried.error_type, retried.error_payload) == (
+        1,
+        9000,
+        "ValueError",
+        b"x",
+    )
+
+    handover = _event(ws, "sink", "e2")
+    assert await store.finish_async_event("e1", then=handover)
+    assert await store.get_async_event("e1") is None
+    assert await store.get_async_event("e2") == handover
+    # Already finished: nothing happens, and the handover is not enqueued a second time.
+    assert not await store.finish_async_event("e1", then=_event(ws, "sink", "e3"))
+    assert await store.get_async_event("e3") is None
+    assert not await store.retry_async_event("e1", attempts=2, due_at_ms=1, error_type=None, error_payload=None)
+    assert await store.finish_async_event("e2")
+    assert await store.count_async_events(ws, "sink") == {EventState.PENDING: 0, EventState.DEAD: 0}
+
+
+async def test_dead_letters_list_redrive_and_delete(store: SqlStore) -> None:
+    ws = f"ws-{uuid.uuid4().hex[:8]}"
+    for n in range(3):
+        await store.enqueue_async_event(_event(ws, "f", f"d{n}"))
+        assert await store.dead_letter_async_event(
+            f"d{n}",
+            attempts=3,
+            reason=Condition.RETRIES_EXHAUSTED,
+            error_type="ValueError",
+            error_payload=b'{"errorType": "ValueError"}',
+            at_ms=10_000 + n,
+        )
+    await store.enqueue_async_event(_event(ws, "f", "waiting"))
+    assert not await store.dead_letter_async_event(
+        "d0", attempts=3, reason=Condition.EVENT_AGE_EXCEEDED, error_type=None, error_payload=None, at_ms=1
+    )
+
+    letters = await store.list_dead_letters(ws, "f")
+    assert [e.id for e in letters] == ["d0", "d1", "d2"]
+    assert letters[0].state is EventState.DEAD
+    assert letters[0].dead_reason is Condition.RETRIES_EXHAUSTED
+    assert (letters[0].attempts, letters[0].dead_at_ms, letters[0].error_type) == (3, 10_000, "ValueError")
+    assert [e.id for e in await store.list_dead_letters(ws, "f", limit=1)] == ["d0"]
+    assert await store.count_async_events(ws, "f") == {EventState.PENDING: 1, EventState.DEAD: 3}
+
+    assert await store.redrive_dead_letters(ws, "f", ["d1", "waiting", "unknown"], now_ms=20_000) == [
+        PendingEvent("d1", ws, "f", 20_000)
+    ]
+    again = await store.get_async_event("d1")
+    assert again is not None
+    assert (again.state, again.attempts, again.enqueued_at_ms, again.dead_reason) == (
+        EventState.PENDING,
+        0,
+        20_000,
+        None,
+    )
+    assert [p.id for p in await store.redrive_dead_letters(ws, "f", None, now_ms=30_000)] == ["d0", "d2"]
+    assert await store.list_dead_letters(ws, "f") == []
+    assert await store.redrive_dead_letters(ws, "f", None, now_ms=40_000) == []
+
+    assert await store.delete_async_events(ws, "f") == 4
+    assert await store.count_async_events(ws, "f") == {EventState.PENDING: 0, EventState.DEAD: 0}

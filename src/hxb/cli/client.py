@@ -4,12 +4,15 @@ with one readable line."""
 from __future__ import annotations
 
 import json
+import os
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import httpx
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8080"
+_INVOKE_PREFIX = "/2015-03-31/functions/"
 
 
 class CliError(Exception):
@@ -38,8 +41,10 @@ def _api_message(response: httpx.Response) -> str:
 
 
 class ApiClient:
-    def __init__(self, endpoint: str, *, timeout_s: float | None = 30.0) -> None:
+    def __init__(self, endpoint: str, *, timeout_s: float | None = 30.0, workspace: str | None = None) -> None:
         self.endpoint = endpoint.rstrip("/")
+        # Function commands act in HXB_WORKSPACE when it is set, else in the server's default.
+        self.workspace = workspace if workspace is not None else os.environ.get("HXB_WORKSPACE") or None
         if not self.endpoint.startswith(("http://", "https://")):
             raise CliError(f"endpoint {endpoint!r} must start with http:// or https://", exit_code=2)
         self._client = httpx.Client(base_url=self.endpoint, timeout=httpx.Timeout(timeout_s, connect=5.0))
@@ -65,6 +70,7 @@ class ApiClient:
         timeout_s: float | object | None = ...,
         ok_statuses: tuple[int, ...] = (),
     ) -> httpx.Response:
+        path, params = self._in_workspace(path, params)
         kwargs: dict[str, Any] = {"headers": dict(headers or {}), "params": params}
         if json_body is not None:
             kwargs["content"] = json.dumps(json_body).encode()
@@ -87,6 +93,20 @@ class ApiClient:
         if response.status_code >= 400 and response.status_code not in ok_statuses:
             raise CliError(_api_message(response))
         return response
+
+    def _in_workspace(self, path: str, params: Mapping[str, Any] | None) -> tuple[str, Mapping[str, Any] | None]:
+        """Function paths of the management API get `?workspace=`; the Invoke API gets the
+        workspace in the function's name (`WS:function:NAME`, as an ARN's account)."""
+        if not self.workspace:
+            return path, params
+        if path.startswith("/v1/functions"):
+            return path, {**(params or {}), "workspace": self.workspace}
+        if path.startswith(_INVOKE_PREFIX):
+            name = path[len(_INVOKE_PREFIX) :].split("/", 1)[0]
+            if ":" not in urllib.parse.unquote(name):
+                prefix = urllib.parse.quote(f"{self.workspace}:function:", safe="")
+                path = _INVOKE_PREFIX + prefix + path[len(_INVOKE_PREFIX) :]
+        return path, params
 
 
 def _reason(exc: Exception) -> str:

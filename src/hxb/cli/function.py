@@ -140,10 +140,21 @@ def invoke(
     ] = None,
     log: Annotated[bool, typer.Option("--log", help="Print the invocation's log (last 4 KB) to stderr.")] = False,
     qualifier: Annotated[str | None, typer.Option("--qualifier", help="Version or alias.")] = None,
+    async_: Annotated[
+        bool,
+        typer.Option(
+            "--async", help="Queue the event (retried on failure) and print its request id instead of waiting."
+        ),
+    ] = False,
     endpoint: EndpointOption = DEFAULT_ENDPOINT,
 ) -> None:
     """Invoke NAME synchronously and print its result. Exits 1 if the function fails."""
     body = _read_payload(payload)
+    if async_:
+        if log:
+            raise CliError("--log needs a synchronous invocation: read an event's log with `hxb function logs`")
+        _invoke_async(name, body, qualifier, endpoint)
+        return
     headers = {"content-type": "application/json", "x-amz-invocation-type": "RequestResponse"}
     if log:
         headers["x-amz-log-type"] = "Tail"
@@ -168,6 +179,22 @@ def invoke(
         except (ValueError, AttributeError):
             reason = "the function failed"
         raise CliError(f"function {name!r} failed: {reason}")
+
+
+def _invoke_async(name: str, body: bytes, qualifier: str | None, endpoint: str) -> None:
+    with ApiClient(endpoint) as client:
+        response = client.request(
+            "POST",
+            f"/2015-03-31/functions/{urllib.parse.quote(name, safe='')}/invocations",
+            content=body,
+            headers={"content-type": "application/json", "x-amz-invocation-type": "Event"},
+            params={"Qualifier": qualifier} if qualifier else None,
+        )
+    # The request id is what `hxb function logs NAME --invocation ID` and the dead-letter
+    # list know the event by: alone on stdout, so that scripts can capture it.
+    sys.stdout.write(response.headers.get("x-amzn-requestid", "") + "\n")
+    sys.stdout.flush()
+    err.print(f"Queued an event for {name}")
 
 
 @app.command("list")
@@ -274,3 +301,67 @@ def logs(
                 time.sleep(_LOG_POLL_S)
         except KeyboardInterrupt:
             return
+
+
+# --- dead letters -----------------------------------------------------------------------------------
+
+dlq_app = typer.Typer(
+    help="A function's dead-letter list: asynchronous events whose retries ran out.", no_args_is_help=True
+)
+app.add_typer(dlq_app, name="dlq")
+
+
+def _dlq_path(name: str, *rest: str) -> str:
+    parts = [urllib.parse.quote(p, safe="") for p in (name, "dlq", *rest)]
+    return "/v1/functions/" + "/".join(parts)
+
+
+@dlq_app.command("list")
+def dlq_list(
+    name: Annotated[str, typer.Argument(help="Function name.")],
+    limit: Annotated[int, typer.Option("--limit", help="At most this many, oldest first.")] = 100,
+    endpoint: EndpointOption = DEFAULT_ENDPOINT,
+) -> None:
+    """List NAME's dead-lettered events, oldest first."""
+    with ApiClient(endpoint) as client:
+        letters = client.request("GET", _dlq_path(name), params={"limit": limit}).json()["dead_letters"]
+    if not letters:
+        err.print(f"no dead letters for {name}")
+        return
+    # Plain columns, not a table that wraps: an event id is what a script cuts out of a line.
+    sys.stdout.write(f"{'EVENT ID':<36}  {'DEAD AT':<24}  ATTEMPTS  {'REASON':<16}  ERROR TYPE\n")
+    for letter in letters:
+        sys.stdout.write(
+            f"{letter['event_id']:<36}  {letter['dead_at'] or '':<24}  {letter['attempts']:>8}  "
+            f"{letter['reason'] or '':<16}  {letter['error_type'] or ''}\n"
+        )
+    sys.stdout.flush()
+
+
+@dlq_app.command("show")
+def dlq_show(
+    name: Annotated[str, typer.Argument(help="Function name.")],
+    event_id: Annotated[str, typer.Argument(help="The event's request id.")],
+    endpoint: EndpointOption = DEFAULT_ENDPOINT,
+) -> None:
+    """Show one dead-lettered event as JSON: its payload, last error and attempts."""
+    with ApiClient(endpoint) as client:
+        letter = client.request("GET", _dlq_path(name, event_id)).json()
+    sys.stdout.write(json.dumps(letter, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(
+    name: Annotated[str, typer.Argument(help="Function name.")],
+    event_ids: Annotated[list[str] | None, typer.Argument(help="Event ids; none: every dead letter.")] = None,
+    endpoint: EndpointOption = DEFAULT_ENDPOINT,
+) -> None:
+    """Queue dead-lettered events of NAME again, as new events (attempts and age start over)."""
+    body = {"event_ids": event_ids} if event_ids else None
+    with ApiClient(endpoint) as client:
+        redriven = client.request("POST", _dlq_path(name, "redrive"), json_body=body).json()["redriven"]
+    for event_id in redriven:
+        sys.stdout.write(event_id + "\n")
+    sys.stdout.flush()
+    err.print(f"Redrove {len(redriven)} event{'s' if len(redriven) != 1 else ''} of {name}")

@@ -12,7 +12,9 @@ import typer
 from rich.console import Console
 
 from hxb import __version__
+from hxb.cli import concurrency as concurrency_cli
 from hxb.cli import function as function_cli
+from hxb.cli import workspace as workspace_cli
 from hxb.cli.client import DEFAULT_ENDPOINT, ApiClient, CliError
 from hxb.cli.serve import serve
 from hxb.errors import PlatformError
@@ -25,7 +27,9 @@ app = typer.Typer(
     add_completion=False,
 )
 config_app = typer.Typer(help="The hexabase.yaml format.", no_args_is_help=True)
+function_cli.app.add_typer(concurrency_cli.app, name="concurrency")
 app.add_typer(function_cli.app, name="function")
+app.add_typer(workspace_cli.app, name="workspace")
 app.add_typer(config_app, name="config")
 app.command()(serve)
 

@@ -15,10 +15,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from hxb import __version__
+from hxb.concurrency.admission import Admission
+from hxb.concurrency.workspaces import Workspaces
 from hxb.errors import ClientError, PackageTooLargeError, PlatformError, SpecError
 from hxb.gateway.errors import management_error
 from hxb.models import FunctionRevision
 from hxb.pool.manager import PoolManager
+from hxb.queue.dispatcher import AsyncDispatcher
 from hxb.registry import FunctionRegistry
 from hxb.runtimes import RuntimeCatalog
 from hxb.store import Store
@@ -28,9 +31,10 @@ _MAX_PATCH_BYTES = 64 * 1024
 _INT64_MAX = 2**63 - 1
 
 
-def function_view(revision: FunctionRevision, pool: PoolManager) -> dict[str, Any]:
+def function_view(revision: FunctionRevision, pool: PoolManager, admission: Admission) -> dict[str, Any]:
     cfg = revision.config
     stats = pool.function_statistics(revision.workspace, revision.name)
+    usage = admission.function_usage(revision.workspace, revision.name)
     return {
         "name": revision.name,
         "workspace": revision.workspace,
@@ -47,7 +51,18 @@ def function_view(revision: FunctionRevision, pool: PoolManager) -> dict[str, An
         "code_size_bytes": revision.code_size_bytes,
         "last_modified": revision.last_modified,
         "log_group": revision.log_group,
-        "instances": {"idle": stats.idle, "busy": stats.busy, "starting": stats.starting},
+        "instances": {
+            "idle": stats.idle,
+            "busy": stats.busy,
+            "starting": stats.starting,
+            "provisioned": stats.provisioned,
+            "provisioned_shortfall": stats.provisioned_shortfall,
+        },
+        "concurrency": {
+            "reserved": cfg.reserved_concurrency,
+            "concurrent_executions": usage.running,
+            "throttles": usage.throttles,
+        },
         "config": cfg.model_dump(mode="json", by_alias=True),
     }
 
@@ -65,15 +80,21 @@ class AdminApi:
         *,
         registry: FunctionRegistry,
         pool: PoolManager,
+        admission: Admission,
+        workspaces: Workspaces,
         store: Store,
         catalog: RuntimeCatalog,
         workspace: str,
         upload_dir: Path,
         max_package_bytes: int,
         sandbox_name: str,
+        queue: AsyncDispatcher | None = None,
     ) -> None:
+        self._queue = queue
         self._registry = registry
         self._pool = pool
+        self._admission = admission
+        self._workspaces = workspaces
         self._store = store
         self._catalog = catalog
         self._workspace = workspace
@@ -83,6 +104,15 @@ class AdminApi:
         upload_dir.mkdir(parents=True, exist_ok=True)
 
     # --- helpers --------------------------------------------------------------------------------
+
+    def _ws(self, request: Request) -> str:
+        """The workspace a request is about: `?workspace=`, else the server's default one."""
+        name = request.query_params.get("workspace") or self._workspace
+        self._workspaces.get(name)
+        return name
+
+    def _view(self, revision: FunctionRevision) -> dict[str, Any]:
+        return function_view(revision, self._pool, self._admission)
 
     async def _receive_package(self, request: Request) -> Path:
         """Streams the request body (a zip) to a temp file, refusing it past the 50 MB limit."""
@@ -116,12 +146,12 @@ class AdminApi:
         path = await self._receive_package(request)
         try:
             revision, created = await self._registry.deploy(
-                self._workspace, path, expected_name=expected_name, create_only=create_only
+                self._ws(request), path, expected_name=expected_name, create_only=create_only
             )
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        return JSONResponse(function_view(revision, self._pool), status_code=201 if created else 200)
+        return JSONResponse(self._view(revision), status_code=201 if created else 200)
 
     # --- endpoints ------------------------------------------------------------------------------
 
@@ -148,7 +178,7 @@ class AdminApi:
         )
 
     async def list_functions(self, request: Request) -> Response:
-        return JSONResponse({"functions": [function_view(r, self._pool) for r in self._registry.list(self._workspace)]})
+        return JSONResponse({"functions": [self._view(r) for r in self._registry.list(self._ws(request))]})
 
     async def create_function(self, request: Request) -> Response:
         return await self._deploy(request, expected_name=None, create_only=True)
@@ -157,8 +187,8 @@ class AdminApi:
         return await self._deploy(request, expected_name=request.path_params["name"], create_only=False)
 
     async def get_function(self, request: Request) -> Response:
-        revision = self._registry.get(self._workspace, request.path_params["name"])
-        return JSONResponse(function_view(revision, self._pool))
+        revision = self._registry.get(self._ws(request), request.path_params["name"])
+        return JSONResponse(self._view(revision))
 
     async def patch_function(self, request: Request) -> Response:
         body = bytearray()
@@ -172,19 +202,23 @@ class AdminApi:
             raise SpecError(f"request: the body is not valid JSON: {exc}", source="request") from None
         if not isinstance(patch, dict):
             raise SpecError("request: the body must be a JSON object of configuration fields", source="request")
-        revision = await self._registry.update_config(self._workspace, request.path_params["name"], patch)
-        return JSONResponse(function_view(revision, self._pool))
+        revision = await self._registry.update_config(self._ws(request), request.path_params["name"], patch)
+        return JSONResponse(self._view(revision))
 
     async def delete_function(self, request: Request) -> Response:
-        await self._registry.delete(self._workspace, request.path_params["name"])
+        workspace, name = self._ws(request), request.path_params["name"]
+        await self._registry.delete(workspace, name)
+        if self._queue is not None:  # its pending events and dead letters go with it
+            await self._queue.drop_function(workspace, name)
         return Response(status_code=204)
 
     async def function_logs(self, request: Request) -> Response:
         name = request.path_params["name"]
-        self._registry.get(self._workspace, name)
+        workspace = self._ws(request)
+        self._registry.get(workspace, name)
         q = request.query_params
         events = await self._store.query_logs(
-            self._workspace,
+            workspace,
             name,
             since_ms=_int_param(q.get("since_ms"), "since_ms"),
             after_id=_int_param(q.get("after_id"), "after_id"),

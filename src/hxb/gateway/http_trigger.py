@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -17,8 +18,8 @@ from hxb.gateway.http_event import (
     build_response,
     error_response,
 )
+from hxb.invoker import Invoker
 from hxb.models import InvocationRequest, function_arn
-from hxb.pool.manager import PoolManager
 from hxb.router import Router
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,9 @@ _TIMEOUT_TYPES = frozenset({"Sandbox.Timedout"})
 
 
 class HttpTriggerHandler:
-    def __init__(self, *, router: Router, pool: PoolManager, region: str, workspace: str, max_payload_bytes: int):
+    def __init__(self, *, router: Router, invoker: Invoker, region: str, workspace: str, max_payload_bytes: int):
         self._router = router
-        self._pool = pool
+        self._invoker = invoker
         self._region = region
         self._workspace = workspace
         self._max_payload_bytes = max_payload_bytes
@@ -45,8 +46,11 @@ class HttpTriggerHandler:
             response = error_response(404, "Not Found")
         except RequestTooLargeError:
             response = error_response(413, "Request Entity Too Large")
-        except ThrottledError:
+        except ThrottledError as exc:
             response = error_response(429, "Too Many Requests")
+            response = dataclasses.replace(
+                response, headers=[*response.headers, (b"retry-after", str(max(1, round(exc.retry_after_s))).encode())]
+            )
         except PlatformError as exc:
             response = error_response(exc.http_status if exc.http_status >= 400 else 500, exc.message)
         headers = [*response.headers, (b"x-hxb-request-id", request_id.encode())]
@@ -85,7 +89,7 @@ class HttpTriggerHandler:
             account_id=revision.workspace,
             time_epoch_ms=time.time_ns() // 1_000_000,
         )
-        result = await self._pool.invoke(
+        result = await self._invoker.invoke(
             revision,
             InvocationRequest(
                 invocation_id=request_id,

@@ -12,15 +12,16 @@ from typing import Any
 
 from hxb.errors import (
     ClientError,
-    FunctionNotFoundError,
     InvalidRequestContentError,
     PlatformError,
+    RequestTooLargeError,
     UnsupportedOperationError,
 )
 from hxb.gateway._asgi import ClientDisconnectedError, Receive, Scope, Send, header, read_body, send_response
 from hxb.gateway.errors import lambda_error
-from hxb.models import InvocationRequest, function_arn
-from hxb.pool.manager import PoolManager
+from hxb.invoker import Invoker
+from hxb.models import FunctionRevision, InvocationRequest, function_arn
+from hxb.queue.dispatcher import AsyncDispatcher
 from hxb.router import Router
 
 PREFIX = "/2015-03-31/functions/"
@@ -71,9 +72,21 @@ def _client_context(raw: bytes | None) -> dict[str, Any] | None:
 
 
 class InvokeHandler:
-    def __init__(self, *, router: Router, pool: PoolManager, region: str, workspace: str, max_payload_bytes: int):
+    def __init__(
+        self,
+        *,
+        router: Router,
+        invoker: Invoker,
+        region: str,
+        workspace: str,
+        max_payload_bytes: int,
+        queue: AsyncDispatcher | None = None,
+        max_event_payload_bytes: int = 256 * 1024,
+    ):
         self._router = router
-        self._pool = pool
+        self._queue = queue
+        self._max_event_payload_bytes = max_event_payload_bytes
+        self._invoker = invoker
         self._region = region
         self._workspace = workspace
         self._max_payload_bytes = max_payload_bytes
@@ -101,10 +114,8 @@ class InvokeHandler:
             if qualifier is not None and query["Qualifier"][0] != qualifier:
                 raise ClientError("the qualifier in the function name does not match the Qualifier parameter")
             qualifier = query["Qualifier"][0]
-        workspace = workspace or self._workspace
-        if workspace != self._workspace:
-            raise FunctionNotFoundError(name, qualifier)
-        return workspace, name, qualifier
+        # A full ARN names the workspace (its account); a bare name means the default one.
+        return workspace or self._workspace, name, qualifier
 
     @staticmethod
     def _options(scope: Scope) -> tuple[str, bool, dict[str, Any] | None]:
@@ -116,6 +127,32 @@ class InvokeHandler:
         if log_type not in ("None", "Tail"):
             raise ClientError(f"X-Amz-Log-Type {log_type!r} is not None or Tail")
         return invocation_type, log_type == "Tail", _client_context(header(scope, b"x-amz-client-context"))
+
+    async def _enqueue(
+        self,
+        send: Send,
+        revision: FunctionRevision,
+        invocation_id: str,
+        payload: bytes,
+        workspace: str,
+        name: str,
+        qualifier: str | None,
+        client_context: dict[str, Any] | None,
+    ) -> None:
+        """Event: the event is in the store before the 202 goes out; the request id in the
+        response is the one every attempt of it runs with."""
+        if self._queue is None:
+            raise UnsupportedOperationError("asynchronous invocation (X-Amz-Invocation-Type: Event) is not enabled")
+        if len(payload) > self._max_event_payload_bytes:
+            raise RequestTooLargeError("the event payload", len(payload), self._max_event_payload_bytes)
+        await self._queue.enqueue(
+            revision,
+            event_id=invocation_id,
+            payload=payload,
+            invoked_arn=function_arn(self._region, workspace, name, qualifier),
+            client_context=client_context,
+        )
+        await send_response(send, 202, [(b"x-amzn-requestid", invocation_id.encode()), (b"content-length", b"0")], b"")
 
     async def _invoke(self, scope: Scope, receive: Receive, send: Send, invocation_id: str) -> None:
         workspace, name, qualifier = self._target(scope)
@@ -141,11 +178,10 @@ class InvokeHandler:
             await send_response(send, 204, base_headers, b"")
             return
         if invocation_type == "Event":
-            raise UnsupportedOperationError(
-                "asynchronous invocation (X-Amz-Invocation-Type: Event) is not available on this server yet"
-            )
+            await self._enqueue(send, revision, invocation_id, payload, workspace, name, qualifier, client_context)
+            return
 
-        result = await self._pool.invoke(
+        result = await self._invoker.invoke(
             revision,
             InvocationRequest(
                 invocation_id=invocation_id,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from hxb import __version__
+from hxb.queue.dispatcher import AsyncStatistics
 from hxb.spec import FunctionConfig
 
 
@@ -26,6 +28,116 @@ _ZIP_BODY = {
     "description": "The function's zip package, with hexabase.yaml at its root (50 MB at most).",
     "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
 }
+
+
+_EVENT_ID = {"name": "event_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _async_schemas() -> dict[str, Any]:
+    counter = {"type": "integer"}
+    summary = {
+        "event_id": {"type": "string"},
+        "enqueued_at": {"type": "string", "format": "date-time"},
+        "dead_at": {"type": ["string", "null"], "format": "date-time"},
+        "attempts": counter,
+        "reason": {"enum": ["RetriesExhausted", "EventAgeExceeded", None]},
+        "error_type": {"type": ["string", "null"]},
+        "payload_bytes": counter,
+    }
+    return {
+        "AsyncSummary": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "workspace": {"type": "string"},
+                "statistics": {
+                    "type": "object",
+                    "description": "Counters since the server started, and events running or waiting now.",
+                    "properties": {f.name: {"type": "integer"} for f in dataclasses.fields(AsyncStatistics)},
+                },
+                "pending": counter,
+                "dead_letters": counter,
+            },
+        },
+        "DeadLetterSummary": {"type": "object", "properties": summary},
+        "DeadLetter": {
+            "type": "object",
+            "properties": {
+                **summary,
+                "invoked_arn": {"type": "string"},
+                "payload": {"description": "The event, as the caller sent it"},
+                "error": {"description": "The last attempt's error document"},
+            },
+        },
+    }
+
+
+def _async_paths() -> dict[str, Any]:
+    return {
+        "/v1/functions/{name}/async": {
+            "parameters": [_NAME],
+            "get": {
+                "summary": "A function's asynchronous events: counters, pending and dead-lettered",
+                "responses": {
+                    "200": {"description": "OK", "content": _json(_ref("AsyncSummary"))},
+                    "404": _error("No such function"),
+                },
+            },
+        },
+        "/v1/functions/{name}/dlq": {
+            "parameters": [_NAME],
+            "get": {
+                "summary": "List a function's dead-lettered events, oldest first",
+                "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 1000}}],
+                "responses": {
+                    "200": {
+                        "description": "OK",
+                        "content": _json(
+                            {
+                                "type": "object",
+                                "properties": {"dead_letters": {"type": "array", "items": _ref("DeadLetterSummary")}},
+                            }
+                        ),
+                    },
+                    "404": _error("No such function"),
+                },
+            },
+        },
+        "/v1/functions/{name}/dlq/{event_id}": {
+            "parameters": [_NAME, _EVENT_ID],
+            "get": {
+                "summary": "One dead-lettered event: payload, last error, attempts",
+                "responses": {
+                    "200": {"description": "OK", "content": _json(_ref("DeadLetter"))},
+                    "404": _error("No such function or dead letter"),
+                },
+            },
+        },
+        "/v1/functions/{name}/dlq/redrive": {
+            "parameters": [_NAME],
+            "post": {
+                "summary": "Queue dead letters again as new events (all of them, or those named)",
+                "requestBody": {
+                    "required": False,
+                    "content": _json(
+                        {"type": "object", "properties": {"event_ids": {"type": "array", "items": {"type": "string"}}}}
+                    ),
+                },
+                "responses": {
+                    "200": {
+                        "description": "The ids queued",
+                        "content": _json(
+                            {
+                                "type": "object",
+                                "properties": {"redriven": {"type": "array", "items": {"type": "string"}}},
+                            }
+                        ),
+                    },
+                    "404": _error("No such function or dead letter"),
+                },
+            },
+        },
+    }
 
 
 def openapi_document() -> dict[str, Any]:
@@ -153,6 +265,7 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": {"description": "OK", "content": _json(_ref("LogPage"))}},
             },
         },
+        **_async_paths(),
         "/2015-03-31/functions/{name}/invocations": {
             "parameters": [
                 {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
@@ -170,6 +283,7 @@ def openapi_document() -> dict[str, Any]:
                 "requestBody": {"content": _json({})},
                 "responses": {
                     "200": {"description": "The function's result, or its error document with X-Amz-Function-Error"},
+                    "202": {"description": "Event: the event is stored and queued; x-amzn-RequestId names it"},
                     "204": {"description": "DryRun: the request is valid"},
                     "404": {"description": "ResourceNotFoundException"},
                     "413": {"description": "RequestTooLargeException"},
@@ -189,6 +303,7 @@ def openapi_document() -> dict[str, Any]:
                 "Function": function,
                 "Error": error,
                 "LogPage": log_page,
+                **_async_schemas(),
             }
         },
     }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hxb.store.base import FunctionRecord, Store, StoredLogEvent
+from hxb.store.base import FunctionRecord, Store, StoredLogEvent, WorkspaceRecord
 
 
 async def open_store(url: str) -> Store:
@@ -12,4 +12,4 @@ async def open_store(url: str) -> Store:
     return await SqlStore.open(url)
 
 
-__all__ = ["FunctionRecord", "Store", "StoredLogEvent", "open_store"]
+__all__ = ["FunctionRecord", "Store", "StoredLogEvent", "WorkspaceRecord", "open_store"]
