@@ -42,6 +42,7 @@ class ZygoteClient:
         self._ready: asyncio.Future[None] = self._loop.create_future()
         self._spawns: dict[str, asyncio.Future[int]] = {}
         self._exits: dict[str, ExitCallback] = {}
+        self._send_lock = asyncio.Lock()
         self._output = b""
         self.alive = True
         self._closed = False
@@ -103,15 +104,42 @@ class ZygoteClient:
         self._exits[instance_id] = on_exit
         payload = json.dumps({**request, "op": op}).encode()
         try:
-            # A SEQPACKET message of a few KB into an idle socket: sent at once or not at all.
-            self._sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
             async with asyncio.timeout(_SPAWN_TIMEOUT_S):
+                await self._send(payload, fds)
                 return await future
         except (OSError, TimeoutError) as exc:
             self._exits.pop(instance_id, None)
             raise SandboxSpawnError(f"the {self.runtime.name} zygote could not start an instance: {exc}") from None
         finally:
             self._spawns.pop(instance_id, None)
+
+    async def _send(self, payload: bytes, fds: Sequence[int]) -> None:
+        """One SEQPACKET message (sent whole or not at all). In a burst of cold starts the
+        zygote forks one instance at a time while requests pile up in the socket: when its
+        buffer is full, wait until it drains, in order, rather than fail the start."""
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        async with self._send_lock:
+            while True:
+                try:
+                    self._sock.sendmsg([payload], ancillary)
+                except BlockingIOError:
+                    await self._writable()
+                else:
+                    return
+
+    async def _writable(self) -> None:
+        writable: asyncio.Future[None] = self._loop.create_future()
+        fd = self._sock.fileno()
+
+        def wake() -> None:
+            if not writable.done():
+                writable.set_result(None)
+
+        self._loop.add_writer(fd, wake)
+        try:
+            await writable
+        finally:
+            self._loop.remove_writer(fd)
 
     def _on_messages(self) -> None:
         while True:
