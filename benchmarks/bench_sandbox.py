@@ -67,6 +67,9 @@ class Server:
         self.data_dir = work / f"data-{mode}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("HXB_")}
         env["HXB_SANDBOX_MODE"] = mode
+        # 16 instances of 1769 MB are over this VM's default node memory budget (80% of 24 GB),
+        # which counts sizes, not use: raised so the throughput run is not throttled.
+        env["HXB_POOL_MEMORY_BUDGET_MB"] = str(64 * 1024)
         self.proc = subprocess.Popen(
             [
                 str(VENV_BIN / "hxb"),
