@@ -8,7 +8,9 @@ working directory, which would leak into the other tests.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib
+import io
 import json
 import socket
 import sys
@@ -426,3 +428,169 @@ def test_serve_forever_exits_on_an_unexpected_frame(make_runtime: MakeRuntime, c
 
     with pytest.raises(SystemExit, match="unexpected frame type 12"):
         make_runtime(lambda event, context: None).serve_forever()
+
+
+# --- several invocations at once (concurrency_per_instance > 1) ----------------------------------
+
+
+def test_check_concurrency_refuses_a_sync_handler_above_one(bootstrap: ModuleType) -> None:
+    async def async_handler(event: Any, context: Any) -> Any:
+        return None
+
+    def sync_handler(event: Any, context: Any) -> Any:
+        return None
+
+    bootstrap.check_concurrency(sync_handler, "index.handler", 1)
+    bootstrap.check_concurrency(async_handler, "index.handler", 8)
+    with pytest.raises(bootstrap.InitFailure) as caught:
+        bootstrap.check_concurrency(sync_handler, "index.handler", 8)
+
+    assert caught.value.error_type == "Runtime.InvalidConcurrency"
+    assert caught.value.message.startswith(
+        "Handler 'index.handler' is not an async def function, but concurrency_per_instance is 8"
+    )
+
+
+def _in_invocation(bootstrap: ModuleType, request_id: str, fn: Callable[[], Any]) -> Any:
+    """Runs `fn` as the task of invocation `request_id` would: in a context of its own."""
+    ctx = contextvars.copy_context()
+    ctx.run(bootstrap._request_id_var.set, request_id)
+    return ctx.run(fn)
+
+
+def test_tagged_stream_writes_whole_lines_tagged_with_their_invocation(bootstrap: ModuleType) -> None:
+    raw = io.StringIO()
+    stream = bootstrap._TaggedStream(raw)
+
+    _in_invocation(bootstrap, "inv-a", lambda: stream.write("half of a, "))
+    _in_invocation(bootstrap, "inv-b", lambda: stream.write("b one\nb two\n"))
+    _in_invocation(bootstrap, "inv-a", lambda: stream.write("other half\nstart of a's last"))
+    stream.write("the instance's own\n")
+    stream.end("inv-a")
+
+    tag = bootstrap.LOG_TAG
+    assert raw.getvalue().splitlines() == [
+        f"{tag}inv-b{tag}b one",
+        f"{tag}inv-b{tag}b two",
+        f"{tag}inv-a{tag}half of a, other half",
+        "the instance's own",
+        f"{tag}inv-a{tag}start of a's last",
+    ]
+
+
+def test_tagged_stream_flush_ends_the_current_line(bootstrap: ModuleType) -> None:
+    raw = io.StringIO()
+    stream = bootstrap._TaggedStream(raw)
+
+    def write_and_flush() -> None:
+        print("no newline", end="", file=stream, flush=True)
+
+    _in_invocation(bootstrap, "inv-f", write_and_flush)
+
+    assert raw.getvalue() == f"{bootstrap.LOG_TAG}inv-f{bootstrap.LOG_TAG}no newline\n"
+    assert stream.encoding == raw.encoding  # everything else is the real stream's
+
+
+@pytest.fixture
+def make_concurrent_runtime(bootstrap: ModuleType, channel: Channel) -> Iterator[Callable[..., Any]]:
+    made: list[Any] = []
+
+    def make(handler: Callable[..., Any], concurrency: int, streams: tuple[Any, ...] = ()) -> Any:
+        runtime = bootstrap.ConcurrentRuntime(channel.runtime, handler, concurrency, streams)
+        made.append(runtime)
+        return runtime
+
+    yield make
+    for runtime in made:
+        runtime.rfile.close()
+        if runtime.async_runner is not None:
+            runtime.async_runner.loop.close()
+            asyncio.set_event_loop(None)
+
+
+def _send_invokes(channel: Channel, metas: list[dict[str, Any]]) -> None:
+    for m in metas:
+        channel.platform.sendall(encode_frame(FrameType.INVOKE, json.dumps(m).encode(), b"{}"))
+    channel.platform.shutdown(socket.SHUT_WR)
+
+
+def test_concurrent_runtime_runs_invocations_at_once_each_with_its_own_context(
+    make_concurrent_runtime: Callable[..., Any], channel: Channel
+) -> None:
+    started: list[str] = []
+    all_in = asyncio.Event()
+
+    async def handler(event: Any, context: Any) -> Any:
+        started.append(context.aws_request_id)
+        if len(started) == 3:
+            all_in.set()
+        # Only returns once all three run at the same time.
+        await asyncio.wait_for(all_in.wait(), 5)
+        return {"id": context.aws_request_id, "remaining_ms": context.get_remaining_time_in_millis()}
+
+    now_ms = time.time() * 1000
+    _send_invokes(
+        channel,
+        [meta("inv-1", deadline_ms=now_ms + 1000), meta("inv-2", deadline_ms=now_ms + 5000), meta("inv-3")],
+    )
+    make_concurrent_runtime(handler, 3).serve_forever()
+
+    frames = {f.meta: json.loads(f.body) for f in (channel.read_frame() for _ in range(3))}
+    assert sorted(frames) == [b"inv-1", b"inv-2", b"inv-3"]
+    assert all(frames[key]["id"] == key.decode() for key in frames)
+    assert 0 < frames[b"inv-1"]["remaining_ms"] <= 1000 < frames[b"inv-2"]["remaining_ms"] <= 5000
+
+
+def test_concurrent_runtime_answers_errors_with_their_own_id(
+    make_concurrent_runtime: Callable[..., Any], channel: Channel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def handler(event: Any, context: Any) -> Any:
+        await asyncio.sleep(0)
+        if context.aws_request_id == "inv-bad":
+            raise ValueError("bad one")
+        return "fine"
+
+    _send_invokes(channel, [meta("inv-bad"), meta("inv-good")])
+    make_concurrent_runtime(handler, 2).serve_forever()
+
+    frames = {f.meta: f for f in (channel.read_frame() for _ in range(2))}
+    assert frames[b"inv-good"] == Frame(FrameType.RESULT, b"inv-good", b'"fine"')
+    assert frames[b"inv-bad"].type == FrameType.ERROR
+    assert json.loads(frames[b"inv-bad"].body)["requestId"] == "inv-bad"
+
+
+def test_concurrent_runtime_sends_an_invocations_output_whole_before_its_answer(
+    bootstrap: ModuleType,
+    make_concurrent_runtime: Callable[..., Any],
+    channel: Channel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    raw = io.StringIO()
+    stdout = bootstrap._TaggedStream(raw)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    answered_with_output: dict[str, str] = {}
+
+    async def handler(event: Any, context: Any) -> Any:
+        print("hello from", context.aws_request_id)
+        await asyncio.sleep(0)
+        print("bye from", context.aws_request_id, end="")
+        return None
+
+    runtime = make_concurrent_runtime(handler, 2, (stdout,))
+
+    def record(frame_type: int, meta_bytes: bytes, body: bytes) -> None:
+        bootstrap.ConcurrentRuntime.send(runtime, frame_type, meta_bytes, body)
+        # Nothing ran in between: what was written now is what went out before the frame.
+        answered_with_output[meta_bytes.decode()] = raw.getvalue()
+
+    runtime.send = record
+    _send_invokes(channel, [meta("inv-x"), meta("inv-y")])
+    runtime.serve_forever()
+
+    tag = bootstrap.LOG_TAG
+    assert sorted(raw.getvalue().splitlines()) == sorted(
+        f"{tag}{rid}{tag}{text} from {rid}" for rid in ("inv-x", "inv-y") for text in ("hello", "bye")
+    )
+    # Each answer went out after its own last (unfinished) line.
+    for rid in ("inv-x", "inv-y"):
+        assert f"{tag}{rid}{tag}bye from {rid}\n" in answered_with_output[rid]

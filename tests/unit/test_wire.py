@@ -8,7 +8,16 @@ import pytest
 
 from hxb.config import PoolSettings
 from hxb.errors import ResponseTooLargeError, RuntimeProtocolError
-from hxb.pool.wire import HEADER, MAX_ERROR_BYTES, MAX_META_BYTES, Frame, FrameDecoder, FrameType, encode_frame
+from hxb.pool.wire import (
+    HEADER,
+    LOG_TAG,
+    MAX_ERROR_BYTES,
+    MAX_META_BYTES,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    encode_frame,
+)
 
 
 def test_decoder_assembles_a_frame_fed_byte_by_byte() -> None:
@@ -131,6 +140,10 @@ def test_frame_types_match_the_bootstraps(bootstrap: ModuleType) -> None:
 
 def test_response_limit_matches_the_bootstraps(bootstrap: ModuleType) -> None:
     assert PoolSettings().max_response_bytes == bootstrap.MAX_RESPONSE_BYTES
+
+
+def test_log_tag_matches_the_bootstraps(bootstrap: ModuleType) -> None:
+    assert bootstrap.LOG_TAG == LOG_TAG
 
 
 def test_ready_frame_with_a_body_is_refused_before_it_is_buffered() -> None:

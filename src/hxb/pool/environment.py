@@ -29,6 +29,8 @@ def instance_environment(revision: FunctionRevision, paths: SandboxPaths, *, str
         "HXB_MEMORY_SIZE": memory,
         "HXB_TIMEOUT": timeout,
         "HXB_LOG_LEVEL": cfg.log_level,
+        # Above 1, the runtime serves that many invocations at once (async handlers only).
+        "HXB_CONCURRENCY_PER_INSTANCE": str(cfg.concurrency_per_instance),
         "AWS_LAMBDA_FUNCTION_NAME": revision.name,
         "AWS_LAMBDA_FUNCTION_VERSION": revision.version,
         "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": memory,

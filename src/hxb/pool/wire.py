@@ -18,6 +18,10 @@ HEADER: Final = struct.Struct("<BII")
 MAX_META_BYTES: Final = 64 * 1024
 # An error document carries a message and a stack trace; more than this is not one.
 MAX_ERROR_BYTES: Final = 1024 * 1024
+# An instance serving several invocations at once (concurrency_per_instance > 1) writes each
+# line of an invocation as `LOG_TAG + invocation id + LOG_TAG + text`; untagged lines are the
+# instance's own.
+LOG_TAG: Final = "\x1f"
 
 
 class FrameType(IntEnum):

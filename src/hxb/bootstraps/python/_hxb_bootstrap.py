@@ -1,5 +1,6 @@
 """The hxb Python runtime: runs inside an instance, imports the handler once, then serves
-invocations one at a time over the platform's private channel.
+invocations over the platform's private channel: one at a time, or, for an `async def` handler
+with `concurrency_per_instance` N > 1, up to N at once as tasks on one event loop.
 
 This file runs on every CPython the host offers (3.7 and later): keep to 3.7 syntax and the
 standard library. Its wire format is mirrored by `hxb.pool.wire`; tests check the two agree.
@@ -8,9 +9,13 @@ Frames, both ways: a 9-byte header `<BII` (type, meta length, body length), then
 body. Platform -> runtime: INVOKE (meta = JSON, body = the event bytes). Runtime -> platform:
 READY, INIT_ERROR (body = error document), RESULT (meta = request id, body = JSON result),
 ERROR (meta = request id, body = error document).
+
+Output of an instance serving several invocations at once is tagged per line: `\x1f<request
+id>\x1f<text>` (`LOG_TAG`), so the platform can give each line to its invocation.
 """
 
 import contextlib
+import contextvars
 import json
 import os
 import struct
@@ -30,6 +35,9 @@ MAX_ERROR_MESSAGE_CHARS = 256 * 1024
 MAX_STACK_FRAMES = 50
 _CO_COROUTINE = 0x0080
 _LEVELS = {"DEBUG": 10, "INFO": 20, "WARN": 30, "WARNING": 30, "ERROR": 40}
+# Starts (and ends) the request id on a line written by one of several concurrent invocations.
+# A control character: ordinary output never starts with it. Mirrored by `hxb.pool.wire.LOG_TAG`.
+LOG_TAG = "\x1f"
 
 
 class InitFailure(Exception):
@@ -181,6 +189,84 @@ def _install_logging(level_name):
     root.setLevel(_LEVELS.get(level_name.upper(), 20))
 
 
+_request_id_var = contextvars.ContextVar("hxb_request_id", default="")
+
+
+class _TaggedStream(object):
+    """`sys.stdout` / `sys.stderr` of an instance serving several invocations at once. Each line
+    goes out whole, tagged with the request id of the invocation whose task wrote it (a task
+    runs in a context of its own, so `_request_id_var` says whose it is); lines written outside
+    any invocation go out untagged. A line ends at a newline, at `flush()`, or when its
+    invocation ends (`end`), so two tasks' half lines never merge into one."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._partial = {}  # request id ("" outside invocations) -> its unfinished line
+        # Threads the handler started write here too.
+        import threading
+
+        self._lock = threading.RLock()  # a signal handler may print mid-write
+
+    def write(self, text):
+        request_id = _request_id_var.get()
+        with self._lock:
+            pending = self._partial.pop(request_id, "") + text
+            head, newline, rest = pending.rpartition("\n")
+            if rest:
+                self._partial[request_id] = rest
+            if newline:
+                self._emit(request_id, head)
+        return len(text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        self.end(_request_id_var.get())
+        self._stream.flush()
+
+    def end(self, request_id):
+        """Sends the invocation's unfinished line, if any (before its answer goes out)."""
+        with self._lock:
+            rest = self._partial.pop(request_id, "")
+            if rest:
+                self._emit(request_id, rest)
+
+    def _emit(self, request_id, text):
+        # `text` is one or more whole lines without the last newline.
+        if request_id:
+            tag = LOG_TAG + request_id + LOG_TAG
+            text = tag + text.replace("\n", "\n" + tag)
+        self._stream.write(text + "\n")
+
+    def __getattr__(self, name):
+        # encoding, fileno(), isatty(), buffer, ...: what the real stream has. Bytes written to
+        # `buffer` or the fd bypass the tagging and land in the instance's log.
+        return getattr(self._stream, name)
+
+
+def _tag_output_per_invocation():
+    """Installs `_TaggedStream`s as stdout and stderr, and points the log handler at them with
+    each record's request id taken from the task's context. Returns the two streams."""
+    import logging
+
+    out, err = _TaggedStream(sys.stdout), _TaggedStream(sys.stderr)
+    sys.stdout, sys.stderr = out, err
+
+    class _TaskRequestIdFilter(logging.Filter):
+        def filter(self, record):
+            record.aws_request_id = _request_id_var.get()
+            return True
+
+    for handler in _LOG_HANDLER:
+        handler.setStream(err)
+        for old in list(handler.filters):
+            handler.removeFilter(old)
+        handler.addFilter(_TaskRequestIdFilter())
+    return out, err
+
+
 def _log_error_record(error_type, message, stack):
     text = "[ERROR] {}: {}".format(error_type, message)
     if stack:
@@ -269,8 +355,7 @@ class Runtime(object):
         self.sock = channel
         self.rfile = channel.makefile("rb", buffering=65536)
         self.handler = handler
-        code = getattr(handler, "__code__", None)
-        self.is_async = bool(code is not None and code.co_flags & _CO_COROUTINE)
+        self.is_async = _is_async(handler)
         self.async_runner = None
 
     def send(self, frame_type, meta, body):
@@ -308,10 +393,16 @@ class Runtime(object):
             context = LambdaContext(request_id, meta["deadline_ms"], meta["arn"], meta.get("cc"), meta.get("identity"))
             result = self.call(event, context)
         except Exception as exc:
-            stack = _frames(sys.exc_info()[2])
-            _log_error_record(type(exc).__name__, str(exc), stack)
-            self.send_error(rid, type(exc).__name__, str(exc), request_id, stack)
+            self.send_exception(rid, request_id, exc)
             return
+        self.send_result(rid, request_id, result)
+
+    def send_exception(self, rid, request_id, exc):
+        stack = _frames(exc.__traceback__)
+        _log_error_record(type(exc).__name__, str(exc), stack)
+        self.send_error(rid, type(exc).__name__, str(exc), request_id, stack)
+
+    def send_result(self, rid, request_id, result):
         try:
             payload = json.dumps(result, default=_json_default, separators=(",", ":")).encode("utf-8")
         except Exception as exc:
@@ -347,6 +438,79 @@ class Runtime(object):
             _current_request_id[0] = ""
 
 
+def _is_async(handler):
+    code = getattr(handler, "__code__", None)
+    return bool(code is not None and code.co_flags & _CO_COROUTINE)
+
+
+class ConcurrentRuntime(Runtime):
+    """Serves up to `concurrency` invocations at once, each a task on the instance's event loop
+    with its own context, deadline and request id (`_request_id_var`). For `async def` handlers
+    only: `run_instance` refuses the others at init. `streams` are the tagged stdout and
+    stderr: an invocation's unfinished lines go out before its answer."""
+
+    def __init__(self, channel, handler, concurrency, streams=()):
+        Runtime.__init__(self, channel, handler)
+        self.concurrency = concurrency
+        self.streams = streams
+        self.writer = None
+        self.tasks = set()
+
+    def send(self, frame_type, meta, body):
+        if self.writer is None:
+            Runtime.send(self, frame_type, meta, body)  # READY: the loop does not own the channel yet
+            return
+        # Called from the invocation's own task: `_request_id_var` is its request id.
+        request_id = _request_id_var.get()
+        for stream in self.streams:
+            stream.end(request_id)
+        self.writer.write(HEADER.pack(frame_type, len(meta), len(body)) + meta + body)
+
+    def serve_forever(self):
+        if self.async_runner is None:
+            self.async_runner = _AsyncRunner()
+        self.async_runner.run(self.serve())
+
+    async def serve(self):
+        import asyncio
+
+        reader, self.writer = await asyncio.open_unix_connection(sock=self.sock)
+        while True:
+            try:
+                frame_type, meta_len, body_len = HEADER.unpack(await reader.readexactly(HEADER.size))
+                meta = await reader.readexactly(meta_len)
+                body = await reader.readexactly(body_len)
+            except asyncio.IncompleteReadError:
+                break  # the platform closed the channel: nothing more will come
+            if frame_type != T_INVOKE:
+                raise SystemExit("hxb runtime: unexpected frame type {}".format(frame_type))
+            if len(self.tasks) >= self.concurrency:
+                raise SystemExit("hxb runtime: more than {} invocations at once".format(self.concurrency))
+            task = asyncio.ensure_future(self.invoke_async(json.loads(meta), body))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        # As the one-at-a-time runtime finishes the invocation it is in: those started end.
+        if self.tasks:
+            await asyncio.wait(list(self.tasks))
+        self.writer.close()  # after what is buffered went out
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+    async def invoke_async(self, meta, body):
+        request_id = meta["id"]
+        # The task runs in a copy of the context: this is its own, not the loop's.
+        _request_id_var.set(request_id)
+        rid = request_id.encode("ascii")
+        try:
+            event = json.loads(body) if body else None
+            context = LambdaContext(request_id, meta["deadline_ms"], meta["arn"], meta.get("cc"), meta.get("identity"))
+            result = await self.handler(event, context)
+        except Exception as exc:
+            self.send_exception(rid, request_id, exc)
+            return
+        self.send_result(rid, request_id, result)
+
+
 def _send_init_error(channel, failure):
     doc = {
         "errorMessage": failure.message[:MAX_ERROR_MESSAGE_CHARS],
@@ -368,6 +532,18 @@ def _python_paths(task_root, opt_root):
     ]
 
 
+def check_concurrency(handler, spec, concurrency):
+    """Only an `async def` handler can serve more than one invocation at once: the platform
+    cannot tell at deploy (that needs the module imported), so init refuses it here."""
+    if concurrency > 1 and not _is_async(handler):
+        message = (
+            "Handler '{}' is not an async def function, but concurrency_per_instance is {}: only async "
+            "handlers can serve more than one invocation at once (make it async def, or set "
+            "concurrency_per_instance: 1)".format(spec, concurrency)
+        )
+        raise InitFailure("Runtime.InvalidConcurrency", message)
+
+
 def run_instance(channel):
     """Everything after the interpreter exists: set up paths and logging, import the
     handler, report READY (or INIT_ERROR), serve. A zygote calls this in each forked child."""
@@ -378,12 +554,18 @@ def run_instance(channel):
     with contextlib.suppress(OSError):
         os.chdir(task_root)
     _install_logging(env.get("HXB_LOG_LEVEL", "INFO"))
+    spec = env.get("_HANDLER", "index.handler")
+    concurrency = int(env.get("HXB_CONCURRENCY_PER_INSTANCE") or 1)
     try:
-        handler = load_handler(env.get("_HANDLER", "index.handler"))
+        handler = load_handler(spec)
+        check_concurrency(handler, spec, concurrency)
     except InitFailure as failure:
         _send_init_error(channel, failure)
         return 1
-    runtime = Runtime(channel, handler)
+    if concurrency > 1:
+        runtime = ConcurrentRuntime(channel, handler, concurrency, _tag_output_per_invocation())
+    else:
+        runtime = Runtime(channel, handler)
     runtime.send(T_READY, b"", b"")
     runtime.serve_forever()
     return 0
