@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Final, NamedTuple, cast
 
-from hxb.pool.wire import HEADER, FrameType
+from hxb.pool.wire import HEADER, LOG_TAG, FrameType
 from hxb.runtimes import RuntimeInfo
 from hxb.sandbox.base import SandboxPaths, SandboxSpec
 
@@ -161,6 +161,11 @@ class FakeRuntime(asyncio.Protocol):
         if self._log_fd < 0:
             raise ConnectionError(f"fake instance {self.sandbox.instance_id}: the log pipe is closed")
         os.write(self._log_fd, text.encode())
+
+    def write_invocation_log(self, invocation_id: str, line: str) -> None:
+        """Writes one line as a runtime serving several invocations at once does: tagged with
+        the invocation it belongs to."""
+        self.write_log(f"{LOG_TAG}{invocation_id}{LOG_TAG}{line}\n")
 
     def exit(self, status: int = 0) -> None:
         """The instance exits on its own with wait status `status` (see `exit_status`)."""
@@ -345,6 +350,40 @@ def serve(handler: Handler) -> Behaviour:
     return behaviour
 
 
+def serve_concurrently(handler: Handler) -> Behaviour:
+    """Ready at once; answers each invocation with `handler(meta, body)` in a task of its own,
+    so that invocations overlap (as the runtime does for concurrency_per_instance > 1)."""
+
+    async def behaviour(runtime: FakeRuntime) -> None:
+        runtime.send_ready()
+        # Not a TaskGroup: the platform hanging up (EOFError here) must stay a plain EOFError.
+        tasks: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            exc = None if task.cancelled() else task.exception()
+            if exc is not None and not isinstance(exc, EOFError | ConnectionError):
+                runtime.error = exc
+
+        try:
+            while True:
+                invoke = await runtime.next_invoke()
+                task = asyncio.get_running_loop().create_task(_answer(runtime, handler, invoke))
+                tasks.add(task)
+                task.add_done_callback(done)
+        finally:
+            for task in list(tasks):
+                task.cancel()
+
+    return behaviour
+
+
+async def _answer(runtime: FakeRuntime, handler: Handler, invoke: FakeInvoke) -> None:
+    result = handler(invoke.meta, invoke.body)
+    body = await result if inspect.isawaitable(result) else result
+    runtime.send_result(invoke.invocation_id, body)
+
+
 def fail_init(error_type: str = "Runtime.ImportModuleError", message: str = "No module named 'index'") -> Behaviour:
     """Reports an init error instead of READY, then stays alive (the platform must kill it)."""
 
@@ -442,5 +481,6 @@ __all__ = [
     "hang",
     "never_ready",
     "serve",
+    "serve_concurrently",
     "wait_until",
 ]

@@ -63,10 +63,10 @@ class Harness:
     events: list[LogEvent] = field(default_factory=list)
     pools: list[PoolManager] = field(default_factory=list)
 
-    def pool(self, **settings: Any) -> PoolManager:
+    def pool(self, *, max_line_bytes: int | None = None, **settings: Any) -> PoolManager:
         pool = PoolManager(
             PoolSettings(**settings),
-            LogSettings(),
+            LogSettings() if max_line_bytes is None else LogSettings(max_line_bytes=max_line_bytes),
             self.factory,
             PrecompiledCatalog(self.tmp_path / "runtimes"),
             self.events.append,
@@ -74,8 +74,8 @@ class Harness:
         self.pools.append(pool)
         return pool
 
-    def revision(self, name: str = "echo", *, timeout_s: float | None = None) -> FunctionRevision:
-        config = FunctionConfig(name=name, runtime=RUNTIME.name)
+    def revision(self, name: str = "echo", *, timeout_s: float | None = None, concurrency: int = 1) -> FunctionRevision:
+        config = FunctionConfig(name=name, runtime=RUNTIME.name, concurrency_per_instance=concurrency)
         if timeout_s is not None:
             # The spec allows whole seconds only (1-900); unit tests cannot wait that long.
             config = config.model_copy(update={"timeout": timeout_s})

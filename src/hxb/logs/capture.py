@@ -11,19 +11,23 @@ from hxb.logs.records import TAIL_BYTES, LogEvent, now_ms
 class LineSplitter:
     """Splits a byte stream into lines. A runtime sends a multi-line record (a traceback)
     with CR in place of its inner newlines so that it stays one event; CR becomes LF again
-    here. Lines longer than `max_line_bytes` are cut into several events."""
+    here. Lines longer than `max_line_bytes` are cut into several events. With `tag` (the
+    output of an instance serving several invocations at once), a cut line's invocation tag
+    (`tag + id + tag` at its start) is repeated on every piece, so each still finds its
+    invocation."""
 
-    def __init__(self, max_line_bytes: int) -> None:
+    def __init__(self, max_line_bytes: int, *, tag: str | None = None) -> None:
         self._max = max_line_bytes
         self._partial = b""
+        self._tag = tag.encode() if tag is not None else None
 
     def feed(self, data: bytes) -> list[str]:
         data = self._partial + data
         *complete, self._partial = data.split(b"\n")
         lines = [self._decode(raw) for chunk in complete for raw in self._cut(chunk)]
         while len(self._partial) > self._max:
-            lines.append(self._decode(self._partial[: self._max]))
-            self._partial = self._partial[self._max :]
+            piece, self._partial = self._split(self._partial)
+            lines.append(self._decode(piece))
         return lines
 
     def flush(self) -> list[str]:
@@ -34,9 +38,22 @@ class LineSplitter:
         return [self._decode(raw) for raw in self._cut(rest)]
 
     def _cut(self, chunk: bytes) -> list[bytes]:
-        if len(chunk) <= self._max:
-            return [chunk]
-        return [chunk[i : i + self._max] for i in range(0, len(chunk), self._max)]
+        pieces = []
+        while len(chunk) > self._max:
+            piece, chunk = self._split(chunk)
+            pieces.append(piece)
+        pieces.append(chunk)
+        return pieces
+
+    def _split(self, chunk: bytes) -> tuple[bytes, bytes]:
+        """The first `max_line_bytes` of an overlong line, and the rest (tagged like it)."""
+        piece, rest = chunk[: self._max], chunk[self._max :]
+        if self._tag is not None and chunk.startswith(self._tag):
+            end = chunk.find(self._tag, len(self._tag))
+            # A tag that takes half the line or more is not repeated: the cut must make progress.
+            if 0 < end < self._max // 2:
+                rest = chunk[: end + len(self._tag)] + rest
+        return piece, rest
 
     @staticmethod
     def _decode(raw: bytes) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from hxb.models import FunctionRevision
-from hxb.pool.worker import Worker
+from hxb.pool.worker import Worker, WorkerState
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +36,7 @@ class FunctionPool:
     def __init__(self, revision: FunctionRevision) -> None:
         self.revision = revision
         self.idle: list[Worker] = []  # on demand; LIFO: the most recently used is the warmest
-        self.busy: set[Worker] = set()  # on demand and provisioned
+        self.busy: set[Worker] = set()  # on demand and provisioned, serving one invocation or more
         self.starting = 0  # on demand
         self.waiters: deque[asyncio.Future[Worker]] = deque()
         self.retired = False
@@ -55,6 +55,17 @@ class FunctionPool:
         self.provision_failures = 0  # failed starts in a row: the backoff's exponent
         self.provision_retry: asyncio.TimerHandle | None = None
         self._changed = asyncio.Event()
+
+    def with_free_slot(self) -> Worker | None:
+        """A busy instance that can take one more invocation (concurrency_per_instance > 1),
+        a provisioned one first; None if there is none."""
+        found: Worker | None = None
+        for worker in self.busy:
+            if worker.running < worker.capacity and not worker.draining and worker.state is WorkerState.BUSY:
+                if worker in self.provisioned:
+                    return worker
+                found = found or worker
+        return found
 
     @property
     def size(self) -> int:

@@ -7,6 +7,10 @@ by an invocation) goes to the oldest waiter; a new instance is started only whil
 starting than are waited for. So N concurrent requests cause at most N cold starts, and fewer
 when warm instances come back in time (no thundering herd).
 
+With `concurrency_per_instance` C > 1 (async handlers), an instance serves up to C invocations
+at once: one with a free slot is used before an idle one, a started instance takes up to C
+waiters, and a new one starts only while the starting ones cannot take every waiter.
+
 Provisioned instances (`set_provisioned`) are started ahead of demand, served first, never
 reaped or evicted, and replaced when they die. Every instance, from the decision to start it
 until its process exited, holds its function's memory against `memory_budget_mb`.
@@ -181,12 +185,14 @@ class PoolManager:
             payload = frame.body
             function_error = frame.type == FrameType.ERROR
             duration_ms, peak = (time.perf_counter() - started) * 1000, worker.sandbox.memory_peak_bytes()
+            if worker.draining and worker.running == 1:
+                await worker.kill()  # the last invocation of a drained instance
         except TimeoutError:
             # A sandbox that overran its deadline may hold half-written state: never reuse it.
             self._timeouts += 1
             duration_ms, peak = (time.perf_counter() - started) * 1000, worker.sandbox.memory_peak_bytes()
             inv_log.add(f"{_utc_stamp()} {invocation_id} Task timed out after {cfg.timeout:.2f} seconds")
-            await worker.kill()
+            await self._discard(worker)
             exc: InvocationError = SandboxTimeoutError(invocation_id, cfg.timeout)
             payload, function_error, status, error_type = _error_payload(exc), True, "timeout", exc.wire_type
         except InvocationError as exc_:
@@ -199,11 +205,11 @@ class PoolManager:
         except BaseException:
             # Cancelled (client gone during shutdown) or a bug: the instance may still be
             # running the handler, so it cannot be handed to anyone else.
-            worker.current_log = None
-            await asyncio.shield(worker.kill())
+            worker.end_invocation(invocation_id)
+            await asyncio.shield(self._discard(worker))
             self._release(pool, worker)
             raise
-        worker.current_log = None
+        worker.end_invocation(invocation_id)
         inv_log.add(end_line(invocation_id))
         inv_log.add(
             report_line(
@@ -226,6 +232,19 @@ class PoolManager:
             log_tail=tail_of(inv_log.tail_lines()) if request.want_log_tail else None,
             error_type=error_type,
         )
+
+    async def _discard(self, worker: Worker) -> None:
+        """The invocation that just ended on `worker` may have left its handler running: the
+        instance is never used again. Killed now if no other invocation runs on it; otherwise
+        drained (no new invocations) and killed when the last of them ends, so that one
+        invocation's timeout does not fail the others (each still has its own deadline)."""
+        if worker.running <= 1:
+            await worker.kill()
+        elif not worker.draining:
+            worker.draining = True
+            worker.instance_log(
+                f"[hxb] an invocation timed out: instance drained, stopped after its other {worker.running - 1}"
+            )
 
     def _failed_before_start(
         self, revision: FunctionRevision, request: InvocationRequest, exc: InvocationError
@@ -272,6 +291,13 @@ class PoolManager:
         return pool
 
     async def _acquire(self, pool: FunctionPool) -> Worker:
+        slots = pool.revision.config.concurrency_per_instance
+        if slots > 1:
+            # A busy instance with a free slot is as warm as it gets (and leaves idle ones to the reaper).
+            worker = pool.with_free_slot()
+            if worker is not None:
+                worker.running += 1
+                return worker
         # Provisioned instances first: they are paid for whether they serve or not.
         for idle in (pool.provisioned_idle, pool.idle):
             while idle:
@@ -279,12 +305,14 @@ class PoolManager:
                 if worker.state is WorkerState.IDLE:
                     worker.transition(WorkerState.BUSY)
                     pool.busy.add(worker)
+                    worker.running += 1
                     return worker
         if self._closing:
             raise ThrottledError("the platform is shutting down")
         waiter: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
         pool.waiters.append(waiter)
-        if pool.starting < len(pool.waiters):
+        # Each instance starting takes up to `slots` waiters once it is ready.
+        if pool.starting * slots < len(pool.waiters):
             try:
                 self._make_room(pool)
             except ThrottledError:
@@ -347,13 +375,13 @@ class PoolManager:
             worker = await self._spawn(pool)
         except InvocationError as exc:
             pool.starting -= 1
-            self._fail_one_waiter(pool, exc)
+            self._fail_waiters_of_one_start(pool, exc)
             self._drop_if_empty(pool)
             return
-        except Exception as exc:  # a boundary: an unexpected spawn failure fails one invocation
+        except Exception as exc:  # a boundary: an unexpected spawn failure fails its invocations
             log.exception("starting an instance failed", extra={"function": pool.revision.name})
             pool.starting -= 1
-            self._fail_one_waiter(pool, SandboxSpawnError(f"could not start an instance: {exc}"))
+            self._fail_waiters_of_one_start(pool, SandboxSpawnError(f"could not start an instance: {exc}"))
             self._drop_if_empty(pool)
             return
         pool.starting -= 1
@@ -365,31 +393,36 @@ class PoolManager:
             # needs an instance, so this start failed.
             worker.close()
             status = worker.sandbox.poll_exit()
-            self._fail_one_waiter(
+            self._fail_waiters_of_one_start(
                 pool, RuntimeExitError("", describe_wait_status(status if status is not None else -1))
             )
             return
         self._hand_off(pool, worker)
 
     @staticmethod
-    def _fail_one_waiter(pool: FunctionPool, exc: InvocationError) -> None:
-        while pool.waiters:
+    def _fail_waiters_of_one_start(pool: FunctionPool, exc: InvocationError) -> None:
+        """A start failed: the waiters it was for (the oldest; one per slot of an instance) fail."""
+        left = pool.revision.config.concurrency_per_instance
+        while pool.waiters and left:
             waiter = pool.waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(exc)
-                return
+                left -= 1
 
     @staticmethod
     def _give_to_waiter(pool: FunctionPool, worker: Worker) -> bool:
-        """Gives a free instance to the oldest waiter, if any is left."""
-        while pool.waiters:
+        """Gives a free instance's free slots to the oldest waiters; whether it got any."""
+        given = False
+        while pool.waiters and worker.running < worker.capacity:
             waiter = pool.waiters.popleft()
             if not waiter.done():
-                worker.transition(WorkerState.BUSY)
-                pool.busy.add(worker)
+                if worker.state is not WorkerState.BUSY:
+                    worker.transition(WorkerState.BUSY)
+                    pool.busy.add(worker)
+                worker.running += 1
                 waiter.set_result(worker)
-                return True
-        return False
+                given = True
+        return given
 
     def _hand_off(self, pool: FunctionPool, worker: Worker) -> None:
         """Gives a free instance to the oldest waiter, or parks it as idle."""
@@ -406,6 +439,13 @@ class PoolManager:
             self._retry_shortfalls()
 
     def _release(self, pool: FunctionPool, worker: Worker) -> None:
+        worker.running -= 1
+        if worker.running > 0:
+            # Others still run on it. Its free slot serves a waiter; a dead or drained instance
+            # serves nobody, and the last of its invocations releases it.
+            if worker.state is WorkerState.BUSY and not worker.draining:
+                self._give_to_waiter(pool, worker)
+            return
         pool.busy.discard(worker)
         provisioned = worker in pool.provisioned
         if worker.state is WorkerState.DEAD:

@@ -1,5 +1,6 @@
 """Worker: the pool's handle on one instance. Owns the instance's channel, log pipe and exit
-watch, and its lifecycle state machine."""
+watch, its in-flight invocations (answers are matched to them by invocation id), and its
+lifecycle state machine."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from hxb.logs.capture import InvocationLog, LineSplitter
 from hxb.logs.records import LogEvent, now_ms
 from hxb.logs.sink import LogFlow
 from hxb.models import FunctionRevision
-from hxb.pool.wire import Frame, FrameDecoder, FrameType, encode_frame
+from hxb.pool.wire import LOG_TAG, Frame, FrameDecoder, FrameType, encode_frame
 from hxb.sandbox.base import Sandbox, describe_wait_status
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,9 @@ class _Channel(asyncio.Protocol):
 
 
 class Worker:
-    """One instance of one function revision. Serves one invocation at a time."""
+    """One instance of one function revision. Serves up to `capacity` invocations at once (the
+    function's `concurrency_per_instance`, 1 unless its async handler opts in); BUSY while it
+    serves at least one. `running` and `draining` are the pool's bookkeeping."""
 
     def __init__(
         self,
@@ -93,17 +96,30 @@ class Worker:
         self.invocations = 0
         # Reported on the first invocation only, as Lambda reports Init Duration.
         self.init_duration_ms: float | None = None
-        self.current_log: InvocationLog | None = None
         self.retired = False
+        self.capacity = revision.config.concurrency_per_instance
+        self.running = 0  # invocations handed this instance and not released yet
+        # An invocation of it timed out while others ran: no new ones, killed after the last.
+        self.draining = False
+        # Above 1, the runtime tags each line with its invocation; at 1, every line written
+        # during an invocation is that invocation's (`_untagged_log`).
+        self._tagged = self.capacity > 1
+        self._logs: dict[str, InvocationLog] = {}
+        self._untagged_log: InvocationLog | None = None
         self._emit_log = emit_log
         self._on_dead = on_dead
         self._decoder = FrameDecoder(max_response_bytes)
-        self._splitter = LineSplitter(max_line_bytes)
+        self._splitter = LineSplitter(max_line_bytes, tag=LOG_TAG if self._tagged else None)
         self._transport: asyncio.Transport | None = None
-        self._waiter: asyncio.Future[Frame] | None = None
+        self._init_answered = False
+        self._init_waiter: asyncio.Future[Frame] | None = None
+        # Invocation id (as the frames carry it) -> the future its RESULT or ERROR resolves.
+        self._pending: dict[bytes, asyncio.Future[Frame]] = {}
+        # Invocations the platform gave up on (deadline, cancel): an answer still coming is dropped.
+        self._abandoned: set[bytes] = set()
         self._channel_closed = False
         self._early_frame: Frame | None = None
-        self._exit_task: asyncio.Task[InvocationError] | None = None
+        self._exit_task: asyncio.Task[int] | None = None
         self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._loop = asyncio.get_running_loop()
 
@@ -130,7 +146,7 @@ class Worker:
         InitTimeoutError / RuntimeExitError; the caller then kills the instance."""
         try:
             async with asyncio.timeout(init_timeout_s):
-                frame = await self._next_frame("init")
+                frame = await self._init_frame()
         except TimeoutError:
             raise InitTimeoutError(init_timeout_s) from None
         # Init Duration counts from the request to spawn to READY: what the caller waited.
@@ -158,51 +174,74 @@ class Worker:
 
     async def invoke(self, meta: bytes, payload: bytes, log: InvocationLog) -> Frame:
         """Sends one INVOKE and waits for its RESULT or ERROR frame (no deadline here: the
-        pool wraps this in the function's timeout). Output from now on belongs to `log`."""
-        # What the instance wrote while idle is the instance's, not this invocation's.
-        self._drain_log_pipe()
-        for line in self._splitter.flush():
-            self._route_line(line)
-        self.current_log = log
+        pool wraps this in the function's timeout). The invocation's output goes to `log` from
+        now until `end_invocation`."""
+        invocation_id = log.invocation_id
+        if not self._tagged:
+            # What the instance wrote while idle is the instance's, not this invocation's.
+            self._drain_log_pipe()
+            for line in self._splitter.flush():
+                self._route_line(line)
+            self._untagged_log = log
+        self._logs[invocation_id] = log
         if self._transport is None or self._channel_closed:
-            raise await self._exit_error("")
+            raise await self._exit_error(invocation_id)
+        key = invocation_id.encode()
+        if key in self._pending:
+            raise InternalError(f"worker {self.id}: invocation {invocation_id} sent twice")
+        waiter: asyncio.Future[Frame] = self._loop.create_future()
+        self._pending[key] = waiter
         self._transport.write(encode_frame(FrameType.INVOKE, meta, payload))
-        frame = await self._next_frame("invoke")
-        if frame.type not in (FrameType.RESULT, FrameType.ERROR):
-            raise RuntimeProtocolError(f"the runtime answered an invocation with {frame.type.name}")
-        if frame.meta != log.invocation_id.encode():
-            # E.g. a thread left over from an earlier invocation answering now.
-            raise RuntimeProtocolError("the runtime answered for another invocation than the one in progress")
+        try:
+            frame = await waiter
+        except asyncio.CancelledError:
+            if not waiter.done():
+                # Timed out (or cancelled): the handler may still answer; that is not a protocol error.
+                self._abandoned.add(key)
+            raise
+        finally:
+            del self._pending[key]
         # Everything the handler printed was written to the pipe before the runtime sent its
         # answer, but the loop may not have read it yet: read it now, before END is logged.
         self._drain_log_pipe()
-        for line in self._splitter.flush():
-            self._route_line(line)
+        if not self._tagged:
+            for line in self._splitter.flush():
+                self._route_line(line)
         return frame
 
-    async def _next_frame(self, phase: str) -> Frame:
-        if self._waiter is not None:
-            raise InternalError(f"worker {self.id}: two waiters on one channel")
+    def end_invocation(self, invocation_id: str) -> None:
+        """The invocation is over (END logged or about to be): later output is the instance's."""
+        log = self._logs.pop(invocation_id, None)
+        if log is not None and log is self._untagged_log:
+            self._untagged_log = None
+
+    async def _init_frame(self) -> Frame:
+        if self._init_waiter is not None:
+            raise InternalError(f"worker {self.id}: two waiters for init")
         if self._early_frame is not None:
             frame, self._early_frame = self._early_frame, None
             return frame
         if self._channel_closed:
-            raise await self._exit_error(phase)
-        self._waiter = self._loop.create_future()
+            raise await self._exit_error("")
+        self._init_waiter = self._loop.create_future()
         try:
-            return await self._waiter
+            return await self._init_waiter
         finally:
-            self._waiter = None
+            self._init_waiter = None
 
-    async def _exit_error(self, phase: str) -> InvocationError:
+    async def _exit_error(self, invocation_id: str) -> InvocationError:
         """The runtime closed its channel: wait (briefly) for its exit status to say why."""
+        return self._exit_error_for(invocation_id, await self._wait_exit_status())
+
+    async def _wait_exit_status(self) -> int:
         try:
             async with asyncio.timeout(_EXIT_AFTER_EOF_S):
-                status = await asyncio.shield(self._exited)
+                return await asyncio.shield(self._exited)
         except TimeoutError:
             self.sandbox.kill()
-            status = await asyncio.shield(self._exited)
-        invocation_id = self.current_log.invocation_id if self.current_log else ""
+            return await asyncio.shield(self._exited)
+
+    def _exit_error_for(self, invocation_id: str, status: int) -> InvocationError:
         if self.sandbox.out_of_memory():
             return RuntimeOutOfMemoryError(invocation_id, describe_wait_status(status))
         return RuntimeExitError(invocation_id, describe_wait_status(status))
@@ -214,36 +253,66 @@ class Worker:
             self._fail_channel(exc)
             return
         for frame in frames:
-            waiter = self._waiter
-            if waiter is None or waiter.done():
-                if self.state is WorkerState.STARTING and self._early_frame is None:
-                    # A fast runtime's READY can arrive before `wait_ready` asks for it.
+            if not self._init_answered:
+                # The runtime's first frame answers init (READY or INIT_ERROR); a fast
+                # runtime's can arrive before `wait_ready` asks for it.
+                self._init_answered = True
+                waiter = self._init_waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(frame)
+                else:
                     self._early_frame = frame
+                continue
+            if frame.type in (FrameType.RESULT, FrameType.ERROR):
+                waiter = self._pending.get(frame.meta)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(frame)
                     continue
-                self._fail_channel(RuntimeProtocolError(f"the runtime sent an unexpected {frame.type.name} frame"))
+                if frame.meta in self._abandoned:
+                    self._abandoned.discard(frame.meta)
+                    continue
+                # E.g. a thread left over from an earlier invocation answering now.
+                self._fail_channel(
+                    RuntimeProtocolError("the runtime answered for an invocation that is not in progress")
+                )
                 return
-            waiter.set_result(frame)
+            self._fail_channel(RuntimeProtocolError(f"the runtime sent an unexpected {frame.type.name} frame"))
+            return
+
+    def _waiters(self) -> list[tuple[str, asyncio.Future[Frame]]]:
+        """Everyone waiting on the channel: init ("" for its id) and each invocation."""
+        waiters = [(key.decode(), fut) for key, fut in self._pending.items() if not fut.done()]
+        if self._init_waiter is not None and not self._init_waiter.done():
+            waiters.append(("", self._init_waiter))
+        return waiters
 
     def _fail_channel(self, exc: InvocationError) -> None:
-        # A runtime that breaks the protocol is not trusted again.
+        # A runtime that breaks the protocol is not trusted again; which of its invocations
+        # caused it is not known, so every one in flight fails with it.
         self.sandbox.kill()
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(exc)
+        for _, waiter in self._waiters():
+            waiter.set_exception(exc)
         if self._transport is not None:
             self._transport.abort()
 
     def _on_channel_closed(self) -> None:
         self._channel_closed = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            task = self._loop.create_task(self._exit_error("invoke"))
-            self._exit_task = task  # referenced until it ran: nothing fire-and-forget
+        waiters = self._waiters()
+        if not waiters:
+            return
+        task = self._loop.create_task(self._wait_exit_status())
+        self._exit_task = task  # referenced until it ran: nothing fire-and-forget
 
-            def deliver(done: asyncio.Task[InvocationError]) -> None:
+        def deliver(done: asyncio.Task[int]) -> None:
+            if done.cancelled():
+                return
+            # The instance died: each invocation in flight fails, with its own id.
+            status = done.result()
+            for invocation_id, waiter in waiters:
                 if not waiter.done():
-                    waiter.set_exception(done.result())
+                    waiter.set_exception(self._exit_error_for(invocation_id, status))
 
-            task.add_done_callback(deliver)
+        task.add_done_callback(deliver)
 
     # --- exit and logs --------------------------------------------------------------------------
 
@@ -309,8 +378,19 @@ class Worker:
                 return
 
     def _route_line(self, line: str) -> None:
-        if self.current_log is not None:
-            self.current_log.add(line)
+        if self._tagged and line.startswith(LOG_TAG):
+            end = line.find(LOG_TAG, 1)
+            if end > 0:
+                log = self._logs.get(line[1:end])
+                line = line[end + 1 :]
+                if log is not None:
+                    log.add(line)
+                    return
+            # An invocation that already ended (a task it left behind): the instance's line.
+            self.instance_log(line)
+            return
+        if self._untagged_log is not None:
+            self._untagged_log.add(line)
         else:
             self.instance_log(line)
 
