@@ -55,6 +55,28 @@ def test_splitter_cuts_a_long_partial_line_without_waiting_for_its_newline() -> 
     assert splitter.flush() == ["ijk"]
 
 
+def test_tagged_splitter_repeats_a_cut_lines_tag_on_every_piece() -> None:
+    splitter = LineSplitter(max_line_bytes=8, tag="#")
+
+    assert splitter.feed(b"#id#abcdefghij\n#id#xy\nuntagged-long\n") == [
+        "#id#abcd",
+        "#id#efgh",
+        "#id#ij",
+        "#id#xy",
+        "untagged",
+        "-long",
+    ]
+    # A partial line cut before its newline keeps its tag too.
+    assert splitter.feed(b"#id#0123456789") == ["#id#0123", "#id#4567"]
+    assert splitter.flush() == ["#id#89"]
+
+
+def test_tagged_splitter_does_not_repeat_a_tag_as_long_as_half_the_line() -> None:
+    splitter = LineSplitter(max_line_bytes=8, tag="#")
+
+    assert splitter.feed(b"#long#abcdefgh\n") == ["#long#ab", "cdefgh"]
+
+
 def test_splitter_flush_returns_the_rest_once() -> None:
     splitter = LineSplitter(max_line_bytes=100)
     splitter.feed(b"done\nno newline")
