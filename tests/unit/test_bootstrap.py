@@ -548,15 +548,19 @@ def test_concurrent_runtime_answers_errors_with_their_own_id(
         await asyncio.sleep(0)
         if context.aws_request_id == "inv-bad":
             raise ValueError("bad one")
+        if context.aws_request_id == "inv-cancel":
+            raise asyncio.CancelledError
         return "fine"
 
-    _send_invokes(channel, [meta("inv-bad"), meta("inv-good")])
-    make_concurrent_runtime(handler, 2).serve_forever()
+    _send_invokes(channel, [meta("inv-bad"), meta("inv-good"), meta("inv-cancel")])
+    make_concurrent_runtime(handler, 3).serve_forever()
 
-    frames = {f.meta: f for f in (channel.read_frame() for _ in range(2))}
+    frames = {f.meta: f for f in (channel.read_frame() for _ in range(3))}
     assert frames[b"inv-good"] == Frame(FrameType.RESULT, b"inv-good", b'"fine"')
-    assert frames[b"inv-bad"].type == FrameType.ERROR
-    assert json.loads(frames[b"inv-bad"].body)["requestId"] == "inv-bad"
+    for rid, error_type in ((b"inv-bad", "ValueError"), (b"inv-cancel", "CancelledError")):
+        doc = json.loads(frames[rid].body)
+        assert frames[rid].type == FrameType.ERROR
+        assert (doc["requestId"], doc["errorType"]) == (rid.decode(), error_type)
 
 
 def test_concurrent_runtime_sends_an_invocations_output_whole_before_its_answer(

@@ -450,7 +450,10 @@ class ConcurrentRuntime(Runtime):
     stderr: an invocation's unfinished lines go out before its answer."""
 
     def __init__(self, channel, handler, concurrency, streams=()):
+        import asyncio
+
         Runtime.__init__(self, channel, handler)
+        self.cancelled_error = asyncio.CancelledError
         self.concurrency = concurrency
         self.streams = streams
         self.writer = None
@@ -506,6 +509,11 @@ class ConcurrentRuntime(Runtime):
             context = LambdaContext(request_id, meta["deadline_ms"], meta["arn"], meta.get("cc"), meta.get("identity"))
             result = await self.handler(event, context)
         except Exception as exc:
+            self.send_exception(rid, request_id, exc)
+            return
+        except self.cancelled_error as exc:
+            # Not an Exception since 3.8. Nothing here cancels an invocation's task, so it is
+            # the handler's own doing: its error, not a task that ends without an answer.
             self.send_exception(rid, request_id, exc)
             return
         self.send_result(rid, request_id, result)
