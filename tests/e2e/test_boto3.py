@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
 from typing import Any
 
-import boto3  # type: ignore[import-untyped]  # no stubs installed (boto3-stubs)
 import pytest
-from botocore.config import Config  # type: ignore[import-untyped]
 
 from tests.conftest import HxbServer
 
@@ -47,21 +44,6 @@ def handler(event, context):
 
 # Lambda's synchronous request payload limit, the one botocore's RequestTooLargeException stands for.
 SYNC_PAYLOAD_LIMIT_BYTES = 6 * 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def lambda_client(hxb_server: HxbServer) -> Iterator[Any]:
-    client = boto3.client(
-        "lambda",
-        endpoint_url=hxb_server.endpoint,
-        region_name="local",
-        aws_access_key_id="x",
-        aws_secret_access_key="x",  # noqa: S106 -- hxb ignores the signature; boto3 wants one
-        # One attempt: a platform failure must show, not be retried away.
-        config=Config(retries={"max_attempts": 1}, read_timeout=120),
-    )
-    yield client
-    client.close()
 
 
 def test_invoke_returns_result_when_called_by_name(hxb_server: HxbServer, lambda_client: Any) -> None:

@@ -4,33 +4,16 @@ concurrency operations against a real `hxb serve`."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3  # type: ignore[import-untyped]  # no stubs installed (boto3-stubs)
 import pytest
-from botocore.config import Config  # type: ignore[import-untyped]
 
 from tests.conftest import HXB, HxbServer, server_env
 from tests.e2e._helpers import CLI_TIMEOUT_S, assert_one_line_error, describe, run_hxb, write_function
 from tests.integration._helpers import unique
 
 HELLO = {"index.py": "def handler(event, context):\n    return {'arn': context.invoked_function_arn}\n"}
-
-
-@pytest.fixture(scope="module")
-def lambda_client(hxb_server: HxbServer) -> Iterator[Any]:
-    client = boto3.client(
-        "lambda",
-        endpoint_url=hxb_server.endpoint,
-        region_name="local",
-        aws_access_key_id="x",
-        aws_secret_access_key="x",  # noqa: S106 -- hxb ignores the signature; boto3 wants one
-        config=Config(retries={"max_attempts": 1, "mode": "standard"}),
-    )
-    yield client
-    client.close()
 
 
 def hxb(server: HxbServer, *args: str, workspace: str | None = None) -> subprocess.CompletedProcess[str]:

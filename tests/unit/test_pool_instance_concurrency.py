@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,20 +13,13 @@ from typing import Any
 import pytest
 
 from hxb.testing import Behaviour, FakeRuntime, exit_status, fail_init, serve_concurrently, wait_until
-from tests.unit.test_pool_manager import Harness, error_document, request, stats
+from tests.unit.test_pool_manager import Harness, error_document, request, running, stats
 
 
 @pytest.fixture
 async def harness(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator[Harness]:
-    h = Harness(tmp_path)
-    try:
+    async with running(Harness(tmp_path), caplog) as h:
         yield h
-    finally:
-        for pool in h.pools:
-            await pool.close()
-        await h.factory.close()
-    errors = [r.getMessage() for r in caplog.records if r.name.startswith("hxb") and r.levelno >= logging.ERROR]
-    assert errors == []
 
 
 def held_concurrently(gate: asyncio.Event) -> Behaviour:

@@ -4,6 +4,7 @@ of the runtime, retiring, reaping, the node cap, shutdown and the invocation log
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -14,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -104,9 +105,12 @@ class Harness:
         return [e.message for e in self.events if e.invocation_id == invocation_id]
 
 
-@pytest.fixture
-async def harness(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator[Harness]:
-    h = Harness(tmp_path)
+H = TypeVar("H", bound=Harness)
+
+
+@contextlib.asynccontextmanager
+async def running(h: H, caplog: pytest.LogCaptureFixture) -> AsyncIterator[H]:
+    """Yields `h`; then closes its pools and factory and checks nothing was logged as an error."""
     try:
         yield h
     finally:
@@ -116,6 +120,12 @@ async def harness(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIter
     # A background task of the pool that failed is logged, not raised: it is a bug all the same.
     errors = [r.getMessage() for r in caplog.records if r.name.startswith("hxb") and r.levelno >= logging.ERROR]
     assert errors == []
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator[Harness]:
+    async with running(Harness(tmp_path), caplog) as h:
+        yield h
 
 
 def request(

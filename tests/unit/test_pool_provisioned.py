@@ -21,7 +21,7 @@ from hxb.models import FunctionRevision
 from hxb.pool.manager import PoolManager
 from hxb.sandbox.base import SandboxSpec
 from hxb.testing import FakeSandbox, FakeSandboxFactory, exit_status, fail_init, hang, wait_until
-from tests.unit.test_pool_manager import Harness, PrecompiledCatalog, held, request, stats
+from tests.unit.test_pool_manager import Harness, PrecompiledCatalog, held, request, running, stats
 
 
 class RecordingFactory(FakeSandboxFactory):
@@ -63,15 +63,8 @@ class Provisioned(Harness):
 
 @pytest.fixture
 async def harness(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator[Provisioned]:
-    h = Provisioned(tmp_path)
-    try:
+    async with running(Provisioned(tmp_path), caplog) as h:
         yield h
-    finally:
-        for pool in h.pools:
-            await pool.close()
-        await h.factory.close()
-    errors = [r.getMessage() for r in caplog.records if r.name.startswith("hxb") and r.levelno >= logging.ERROR]
-    assert errors == []
 
 
 def warnings(caplog: pytest.LogCaptureFixture, message: str) -> int:
