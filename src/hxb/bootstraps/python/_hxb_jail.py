@@ -349,7 +349,11 @@ DENIED_SYSCALLS = (
 )
 SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_ACT_ERRNO_BASE = 0x00050000
+SCMP_CMP_EQ = 4
 SCMP_CMP_MASKED_EQ = 7
+# Socket families no function needs that reach past the network namespace: vsock talks to the
+# hypervisor of a VM (its agents listen there), not through our NAT.
+DENIED_SOCKET_FAMILIES = (40,)  # AF_VSOCK
 
 
 class _ScmpArgCmp(ctypes.Structure):
@@ -389,6 +393,10 @@ def compile_seccomp():
             if nr < 0:
                 continue  # not on this architecture
             _check(lib.seccomp_rule_add_array(ctx, eperm, nr, 0, None), "seccomp rule " + name)
+        socket_nr = lib.seccomp_syscall_resolve_name(b"socket")
+        for family in DENIED_SOCKET_FAMILIES:
+            cmp = _ScmpArgCmp(0, SCMP_CMP_EQ, family, 0)
+            _check(lib.seccomp_rule_add_array(ctx, eperm, socket_nr, 1, ctypes.byref(cmp)), "seccomp rule socket")
         # clone() with any namespace flag: no new namespaces from inside. clone3 cannot be
         # inspected (its flags are behind a pointer): ENOSYS makes libc fall back to clone.
         clone_nr = lib.seccomp_syscall_resolve_name(b"clone")
