@@ -95,7 +95,8 @@ def _check_cgroups() -> Feature:
     return Feature("cgroups", True, f"v{driver.version}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
 
 
-def _check_seccomp() -> Feature:
+def check_seccomp() -> Feature:
+    """Whether instances can get their seccomp filter (libseccomp 2 and a kernel with filters)."""
     actions = Path("/proc/sys/kernel/seccomp/actions_avail")
     try:
         ctypes.CDLL("libseccomp.so.2")
@@ -173,5 +174,5 @@ def check_host(*, uid: int = 990) -> HostReport:
         # Probing namespaces unprivileged only says "operation not permitted".
         features += _check_namespaces()
         features.append(_check_cgroups())
-    features += [_check_seccomp(), _check_network(), _check_scratch(), _check_uid(uid)]
+    features += [check_seccomp(), _check_network(), _check_scratch(), _check_uid(uid)]
     return HostReport(tuple(features))

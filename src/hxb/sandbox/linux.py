@@ -33,6 +33,7 @@ from hxb.errors import SandboxSpawnError, SandboxUnavailableError
 from hxb.runtimes import RuntimeCatalog, RuntimeInfo
 from hxb.sandbox.base import SandboxPaths, SandboxSpec
 from hxb.sandbox.cgroups import Cgroup, CgroupDriver, CgroupError, limits_for
+from hxb.sandbox.doctor import check_seccomp
 from hxb.sandbox.network import InstanceNetwork, NetworkManager
 from hxb.sandbox.scratch import ScratchVolume, ScratchVolumes
 from hxb.sandbox.zygote import ZygoteClient
@@ -252,6 +253,9 @@ class LinuxSandboxFactory:
     ) -> tuple[LinuxSandboxFactory, list[str]]:
         cgroups = CgroupDriver.detect(prefix=f"hxb-{platform_id}")
         cgroups.cleanup_stale()
+        seccomp = check_seccomp()
+        if not seccomp.ok:
+            problems.append(f"instances run without a seccomp filter ({seccomp.detail}): {seccomp.hint}")
         network: NetworkManager | None = None
         if settings.network == "nat":
             try:
