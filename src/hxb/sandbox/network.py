@@ -268,6 +268,10 @@ table inet {t} {{
 		typeof iifname . ip daddr
 		flags interval
 	}}
+	chain prerouting {{
+		type filter hook prerouting priority dstnat - 50; policy accept;
+		iifname {ifs} fib daddr type local counter drop comment "host addresses, even DNATed"
+	}}
 	chain input {{
 		type filter hook input priority filter; policy accept;
 		iifname {ifs} ct state established,related accept

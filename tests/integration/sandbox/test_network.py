@@ -99,6 +99,10 @@ def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=PROCESS_TIMEOUT_S)
 
 
+def _nft(rules: str) -> None:
+    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True, timeout=PROCESS_TIMEOUT_S)
+
+
 def _start_server(netns_path: Path | None, host: str, port: int, mode: str = "peer") -> subprocess.Popen[str]:
     argv = [sys.executable, "-c", SERVER, host, str(port), mode]
     if netns_path is not None:
@@ -277,6 +281,31 @@ async def test_host_addresses_unreachable_from_instance(
 
     assert dict(zip(host_addresses, outcomes, strict=True)) == dict.fromkeys(host_addresses, "timeout")
     assert loopback == "refused"  # the instance's own loopback, where nothing listens
+
+
+DNAT_TABLE = "hxbtest_dnat"
+DNAT_PORT = 18999
+
+
+async def test_host_ports_forwarded_elsewhere_are_unreachable_from_instance(
+    manager: NetworkManager, server_ns: Path
+) -> None:
+    """A port the host forwards (DNAT, as docker's published ports) leads off the host: still
+    the host's address, so still out of an instance's reach."""
+    network = await manager.acquire(None)
+    host_address = next(a for a in _host_ipv4_addresses() if not a.startswith("127."))
+    rules = (
+        f"table ip {DNAT_TABLE} {{\n chain pre {{\n  type nat hook prerouting priority dstnat;\n"
+        f"  ip daddr {host_address} tcp dport {DNAT_PORT} dnat to {SRV_ADDR}:{SRV_PORT}\n }}\n}}\n"
+    )
+    _nft(rules)
+    try:
+        reached = await probe(network.netns_path, host_address, DNAT_PORT)
+        direct = await probe(network.netns_path, SRV_ADDR, SRV_PORT)
+    finally:
+        _sh("nft", "delete", "table", "ip", DNAT_TABLE, check=False)
+    assert direct.startswith("ok:")  # the server itself is reachable through the NAT
+    assert reached == "timeout"
 
 
 async def test_instances_cannot_reach_each_other(
