@@ -31,7 +31,7 @@ from hxb._locks import HostLock, LockHeld
 from hxb.config import SandboxSettings
 from hxb.errors import SandboxSpawnError, SandboxUnavailableError
 from hxb.runtimes import RuntimeCatalog, RuntimeInfo
-from hxb.sandbox.base import SandboxPaths, SandboxSpec
+from hxb.sandbox.base import SandboxPaths, SandboxSpec, describe_wait_status
 from hxb.sandbox.cgroups import Cgroup, CgroupDriver, CgroupError, limits_for
 from hxb.sandbox.doctor import check_seccomp
 from hxb.sandbox.network import InstanceNetwork, NetworkManager
@@ -525,15 +525,22 @@ class LinuxSandboxFactory:
         finally:
             child.close()
         prepared = _Prepared(pid=pid, assign=assign, cgroup=cgroup, network=network, scratch=scratch, exits=exits)
-        exits.when_unattached(lambda status: self._prepared_died(prepared))
+        exits.when_unattached(lambda status: self._prepared_died(prepared, status))
         return prepared
 
-    def _prepared_died(self, prepared: _Prepared) -> None:
+    def _prepared_died(self, prepared: _Prepared, status: int | None = None) -> None:
         """A prepared sandbox ended before it got a function (discarded at shutdown, or its
         setup failed): its resources go."""
         if prepared.dead:
             return
         prepared.dead = True
+        if status is not None and not self._closing:
+            # Its setup failed or something killed it: cold starts take the slow path meanwhile.
+            log.warning(
+                "a sandbox prepared ahead of demand ended before use (%s)",
+                describe_wait_status(status),
+                extra={"cgroup": prepared.cgroup.name},
+            )
         prepared.assign.close()
         self.release_later(prepared.cgroup, prepared.network, prepared.scratch, exited=True)
 
