@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,25 +31,20 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_core import free_port, log
+from bench_core import throughput as core_throughput
+
 VENV_BIN = Path(sys.executable).parent
 HANDLER = "def handler(event, context):\n    return {'ok': True}\n"
 PYTHON = "/usr/bin/python3.11"
-
-
-def log(*args: object) -> None:
-    print(*args, file=sys.stderr, flush=True)
 
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     rank = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
     return ordered[rank]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def package(name: str, memory: int = 128) -> bytes:
@@ -209,36 +203,9 @@ def warm_latency(server: Server, requests: int, memory: int) -> dict[str, float]
 
 
 def throughput(server: Server, connections: int, duration_s: int) -> float | None:
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        return None
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write('wrk.method = "POST"\nwrk.body = "{}"\n')
-    try:
-        out = subprocess.run(
-            [
-                wrk,
-                "-t",
-                "2",
-                "-c",
-                str(connections),
-                "-d",
-                f"{duration_s}s",
-                "-s",
-                script.name,
-                f"http://127.0.0.1:{server.port}/2015-03-31/functions/warm-1769/invocations",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=duration_s + 60,
-            check=True,
-        ).stdout
-    finally:
-        os.unlink(script.name)
-    if "Non-2xx" in out:
-        raise RuntimeError(out)
-    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    return float(match.group(1)) if match else None
+    return core_throughput(
+        server.port, "POST", "/2015-03-31/functions/warm-1769/invocations", b"{}", connections, duration_s
+    )
 
 
 def _uss_kib(pid: int) -> int:

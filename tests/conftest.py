@@ -21,7 +21,7 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import pytest
@@ -283,6 +283,14 @@ def _take_controlling_terminal() -> None:
     import termios
 
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def missing(what: str) -> NoReturn:
+    """Skips a test that needs `what`, which this host lacks; fails it under CI (CI=true), whose
+    `.ci/run` installs everything the tests need: a lost install step must not pass as a skip."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{what}, and CI must provide it: .ci/run installs what the tests need")
+    pytest.skip(what)
 
 
 def server_env(**overrides: str) -> dict[str, str]:

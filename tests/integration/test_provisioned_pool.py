@@ -23,6 +23,7 @@ from hxb.runtimes import RuntimeCatalog
 from hxb.sandbox.local import LocalSandboxFactory
 from hxb.spec import FunctionConfig
 from hxb.testing import wait_until
+from tests.conftest import missing
 
 # Module-level code runs once per instance, at init: each line of inits.log is one init.
 INDEX_PY = """
@@ -65,7 +66,7 @@ async def real_pool(tmp_path: Path) -> AsyncIterator[RealPool]:
     catalog = await RuntimeCatalog.discover(data_dir)
     runtimes = catalog.list()
     if not runtimes:
-        pytest.skip("no python3.X interpreter on this host")
+        missing("no python3.X interpreter on this host")
     runtime = next((r for r in runtimes if r.name == "python3.11"), runtimes[0])
     config = FunctionConfig(name="warm", runtime=runtime.name, environment={"PROBE_DIR": str(probe_dir)})
     revision = FunctionRevision(

@@ -22,6 +22,7 @@ from hxb.logs.records import LogEvent
 from hxb.queue.events import AsyncEvent, Condition, EventState, PendingEvent
 from hxb.store import FunctionRecord
 from hxb.store.sql import SqlStore
+from tests.conftest import missing
 
 PG_BIN = next(
     (
@@ -42,7 +43,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     if PG_BIN is None:
-        pytest.skip("PostgreSQL (initdb, postgres) is not installed")
+        missing("PostgreSQL (initdb, postgres) is not installed")
     # initdb refuses to run as root: the server runs as `nobody` in a directory it owns.
     as_user: list[str] = []
     owner = os.getuid()

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from hxb.sandbox.cgroups import Cgroup, CgroupDriver, CgroupError, CgroupLimits
+from tests.conftest import missing
 
 MIB = 1024 * 1024
 PREFIX = "hxbtest"
@@ -159,7 +160,7 @@ def test_memory_peak_grows_after_allocating(make_group: MakeGroup) -> None:
     group = make_group("peak", memory_mb=256)
     before = group.memory_peak_bytes()
     if before is None:
-        pytest.skip("this kernel has no memory.peak (Linux < 5.19)")
+        missing("this kernel has no memory.peak (Linux < 5.19)")
 
     def allocate() -> int:
         allocate_and_touch(30 * MIB)

@@ -21,6 +21,7 @@ import pytest
 
 from hxb.errors import SandboxUnavailableError
 from hxb.sandbox.scratch import ScratchVolume, ScratchVolumes, image_size_mib, mount_points_under
+from tests.conftest import missing
 
 MIB = 1024 * 1024
 UID = 64_321  # the instance user: any uid works for root, none needs to exist
@@ -150,7 +151,7 @@ class MemoryCgroup:
         elif "memory" in (v2 / "cgroup.subtree_control").read_text().split():
             self.path, self.v2 = v2 / name, True
         else:
-            pytest.skip("no memory cgroup controller to test against")
+            missing("no memory cgroup controller to test against")
         self.limit_bytes = limit_bytes
 
     def __enter__(self) -> MemoryCgroup:
